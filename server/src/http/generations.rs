@@ -1,0 +1,63 @@
+//! `/v1/jobs/{id}/generations` (keyset pagination) and `/v1/generations/{id}`.
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::extract::{ApiQuery, IdPath};
+use super::AppState;
+use crate::domain::job::ItemStatus;
+use crate::error::{ApiError, ApiResult};
+use crate::store::generations::{self as store, GenerationView};
+
+pub const MAX_PAGE: i64 = 1000;
+
+/// Checks a page size (default 100).
+pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
+    match limit {
+        None => Ok(100),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::invalid("limit", format!("limit must be 1..={MAX_PAGE}, got {n}"))),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationsQuery {
+    /// Only items in this status: queued, running, done, failed, cancelled.
+    pub status: Option<ItemStatus>,
+    /// Return generations with id greater than this (the previous page's `next_after`).
+    pub after: Option<i64>,
+    /// Page size, 1..=1000 (default 100).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GenerationPage {
+    pub items: Vec<GenerationView>,
+    /// Pass as `after` for the next page; `null` at the end.
+    pub next_after: Option<i64>,
+}
+
+/// A job's generations in id order, a page at a time.
+#[utoipa::path(get, path = "/v1/jobs/{id}/generations", params(("id" = i64, Path), GenerationsQuery),
+    responses((status = 200, body = GenerationPage), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn list(
+    State(s): State<AppState>,
+    IdPath(id): IdPath,
+    ApiQuery(q): ApiQuery<GenerationsQuery>,
+) -> ApiResult<Json<GenerationPage>> {
+    let limit = page_limit(q.limit)?;
+    crate::store::jobs::get_row(&s.db, id).await?;
+    let rows = store::page(&s.db, id, q.status, q.after.unwrap_or(0), limit).await?;
+    let next_after = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
+    Ok(Json(GenerationPage { items: rows.into_iter().map(GenerationView::from).collect(), next_after }))
+}
+
+/// One generation: prompt, answer and everything recorded about it.
+#[utoipa::path(get, path = "/v1/generations/{id}", params(("id" = i64, Path)),
+    responses((status = 200, body = GenerationView), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn get(State(s): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<GenerationView>> {
+    Ok(Json(store::get(&s.db, id).await?.into()))
+}

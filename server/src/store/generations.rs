@@ -1,0 +1,177 @@
+//! Reading generations: an item joined with its prompt and its completion.
+
+use serde::Serialize;
+use sqlx::FromRow;
+use utoipa::ToSchema;
+
+use crate::db::Db;
+use crate::domain::job::ItemStatus;
+use crate::domain::prompt_set::Message;
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Clone, FromRow)]
+pub struct GenerationRow {
+    pub id: i64,
+    pub job_id: i64,
+    pub prompt_id: i64,
+    pub status: String,
+    pub attempts: i64,
+    pub cache_hit: i64,
+    pub last_error: Option<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub external_id: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<String>,
+    pub system: Option<String>,
+    pub metadata: Option<String>,
+    pub endpoint: Option<String>,
+    pub request: Option<String>,
+    pub text: Option<String>,
+    pub finish_reason: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub latency_ms: Option<i64>,
+    pub model: Option<String>,
+    pub system_fingerprint: Option<String>,
+    pub http_attempts: Option<i64>,
+}
+
+impl GenerationRow {
+    /// What was sent to the teacher: messages for chat, text for completions.
+    pub fn request_value(&self) -> Option<serde_json::Value> {
+        let req = self.request.as_deref()?;
+        Some(match self.endpoint.as_deref() {
+            Some("chat") => serde_json::from_str(req).unwrap_or(serde_json::Value::Null),
+            _ => serde_json::Value::String(req.to_string()),
+        })
+    }
+
+    pub fn request_messages(&self) -> Option<Vec<Message>> {
+        match self.endpoint.as_deref() {
+            Some("chat") => serde_json::from_str(self.request.as_deref()?).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn metadata_value(&self) -> Option<serde_json::Value> {
+        self.metadata.as_deref().and_then(|m| serde_json::from_str(m).ok())
+    }
+}
+
+/// A generation as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GenerationView {
+    pub id: i64,
+    pub job_id: i64,
+    pub prompt_id: i64,
+    /// The submitter's own id of the prompt.
+    pub external_id: Option<String>,
+    pub status: ItemStatus,
+    /// Times the item was claimed.
+    pub attempts: i64,
+    /// Answered from the dedup cache instead of the teacher.
+    pub cache_hit: bool,
+    pub last_error: Option<String>,
+    /// The prompt as submitted (text prompts).
+    pub prompt: Option<String>,
+    /// The prompt as submitted (conversation prompts).
+    pub messages: Option<Vec<Message>>,
+    pub system: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    /// What the teacher was sent: messages (chat) or text (completions).
+    #[schema(value_type = Option<Object>)]
+    pub request: Option<serde_json::Value>,
+    /// The teacher's answer.
+    pub text: Option<String>,
+    pub finish_reason: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub latency_ms: Option<i64>,
+    /// Model id the teacher reported.
+    pub model: Option<String>,
+    pub system_fingerprint: Option<String>,
+    /// Requests sent for the answer, including retries.
+    pub http_attempts: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl From<GenerationRow> for GenerationView {
+    fn from(r: GenerationRow) -> Self {
+        GenerationView {
+            request: r.request_value(),
+            metadata: r.metadata_value(),
+            messages: r.messages.as_deref().and_then(|m| serde_json::from_str(m).ok()),
+            id: r.id,
+            job_id: r.job_id,
+            prompt_id: r.prompt_id,
+            external_id: r.external_id,
+            status: ItemStatus::parse(&r.status).unwrap_or(ItemStatus::Queued),
+            attempts: r.attempts,
+            cache_hit: r.cache_hit != 0,
+            last_error: r.last_error,
+            prompt: r.prompt,
+            system: r.system,
+            text: r.text,
+            finish_reason: r.finish_reason,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            latency_ms: r.latency_ms,
+            model: r.model,
+            system_fingerprint: r.system_fingerprint,
+            http_attempts: r.http_attempts,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
+const SELECT: &str = "SELECT g.id, g.job_id, g.prompt_id, g.status, g.attempts, g.cache_hit, g.last_error,
+        g.started_at, g.finished_at, p.external_id, p.prompt, p.messages, p.system, p.metadata,
+        c.endpoint, c.request, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.latency_ms,
+        c.model, c.system_fingerprint, c.http_attempts
+   FROM generations g
+   JOIN prompts p ON p.id = g.prompt_id
+   LEFT JOIN completions c ON c.id = g.completion_id";
+
+/// A page of a job's generations with id > `after`, optionally of one status.
+pub async fn page(
+    db: &Db,
+    job_id: i64,
+    status: Option<ItemStatus>,
+    after: i64,
+    limit: i64,
+) -> ApiResult<Vec<GenerationRow>> {
+    let rows = match status {
+        Some(st) => {
+            sqlx::query_as(&format!(
+                "{SELECT} WHERE g.job_id = ? AND g.status = ? AND g.id > ? ORDER BY g.id LIMIT ?"
+            ))
+            .bind(job_id)
+            .bind(st.as_str())
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&db.reader)
+            .await?
+        }
+        None => {
+            sqlx::query_as(&format!("{SELECT} WHERE g.job_id = ? AND g.id > ? ORDER BY g.id LIMIT ?"))
+                .bind(job_id)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&db.reader)
+                .await?
+        }
+    };
+    Ok(rows)
+}
+
+pub async fn get(db: &Db, id: i64) -> ApiResult<GenerationRow> {
+    sqlx::query_as(&format!("{SELECT} WHERE g.id = ?"))
+        .bind(id)
+        .fetch_optional(&db.reader)
+        .await?
+        .ok_or_else(|| ApiError::not_found("generation", id))
+}

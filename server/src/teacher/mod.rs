@@ -1,0 +1,71 @@
+//! The teacher abstraction: a small trait, so the queue and HTTP layer never know which backend
+//! answers. Backends: `openai` (any OpenAI-compatible server); a local in-process one comes next.
+
+pub mod openai;
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::{TeacherSettings, TeacherSpec};
+use crate::domain::render::RenderedRequest;
+
+/// One greedy generation request. Decoding is always temperature 0, top_p 1, one answer.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub request: RenderedRequest,
+    pub max_new_tokens: u32,
+    pub stop: Vec<String>,
+    pub seed: i64,
+}
+
+/// What the teacher answered, with the metadata recorded per generation.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateOutput {
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    /// Model id the teacher reported.
+    pub model: Option<String>,
+    pub system_fingerprint: Option<String>,
+    /// Wall time of the successful request.
+    pub latency: Duration,
+    /// Requests sent, including retries.
+    pub http_attempts: u32,
+}
+
+/// Why a generation did not come back.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TeacherError {
+    /// Worth trying again later (rate limits, outages, timeouts) after retries ran out.
+    #[error("{message} (after {attempts} attempts)")]
+    Transient { message: String, attempts: u32 },
+    /// The teacher refused the request; retrying will not help.
+    #[error("{message}")]
+    Fatal { message: String, attempts: u32 },
+}
+
+/// A model that answers prompts.
+#[async_trait]
+pub trait Teacher: Send + Sync {
+    /// The name the teacher was configured under.
+    fn name(&self) -> &str;
+    /// Stable identity (backend, address, model) for the dedup cache; no secrets.
+    fn identity(&self) -> &str;
+    /// Requests the queue may have in flight at once.
+    fn max_in_flight(&self) -> usize;
+    /// Greedily answers one request.
+    async fn generate(&self, req: &GenerateRequest) -> Result<GenerateOutput, TeacherError>;
+    /// Whether the teacher answers at all.
+    async fn health(&self) -> Result<(), String>;
+}
+
+/// Builds the backend a configured teacher names.
+pub fn build(settings: &TeacherSettings) -> anyhow::Result<Arc<dyn Teacher>> {
+    match &settings.spec {
+        TeacherSpec::OpenAi { .. } => Ok(Arc::new(openai::OpenAiTeacher::new(settings)?)),
+    }
+}
