@@ -40,6 +40,7 @@ fn is_length_limit(mut e: &(dyn std::error::Error + 'static)) -> bool {
 fn field_of(path: &str, message: &str) -> String {
     let unknown = message
         .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))
         .and_then(|rest| rest.split('`').next());
     match (path, unknown) {
         (".", Some(f)) | ("", Some(f)) => f.to_string(),
@@ -167,6 +168,8 @@ mod tests {
         assert_eq!(field(r#"{"items":[{"n":1},{"n":"x"}]}"#), "items[1].n");
         assert_eq!(field(r#"{"items":[{"n":1,"m":2}]}"#), "items[0].m");
         assert_eq!(field(r#"{"itemz":[]}"#), "itemz");
+        assert_eq!(field(r#"{}"#), "items");
+        assert_eq!(field(r#"{"items":[{}]}"#), "items[0].n");
         assert_eq!(field(r#"{"items":[{"n":-1}]}"#), "items[0].n");
         assert_eq!(field(r#"{"items":["#), "body");
         assert_eq!(field(r#"{"items":[]} x"#), "body");

@@ -45,7 +45,12 @@ impl OpenAiTeacher {
             .connect_timeout(Duration::from_secs(10).min(s.request_timeout))
             .tcp_nodelay(true)
             .build()?;
-        let per_minute = |n: u32| Quota::per_minute(NonZeroU32::new(n).expect("validated positive"));
+        // Smooth rather than bursty: requests may burst one second's worth, tokens six seconds'
+        // worth (room for one large request), then refill at the per-minute rate.
+        let per_minute = |n: u32, burst_div: u32| {
+            let rate = NonZeroU32::new(n).expect("validated positive");
+            Quota::per_minute(rate).allow_burst(NonZeroU32::new((n / burst_div).max(1)).expect("max(1)"))
+        };
         Ok(OpenAiTeacher {
             name: s.name.clone(),
             identity: s.spec.identity(),
@@ -56,8 +61,8 @@ impl OpenAiTeacher {
             timeout: s.request_timeout,
             max_retries: s.max_retries,
             max_in_flight: s.max_in_flight,
-            requests: s.requests_per_minute.map(|n| RateLimiter::direct(per_minute(n))),
-            tokens: s.tokens_per_minute.map(|n| (RateLimiter::direct(per_minute(n)), n)),
+            requests: s.requests_per_minute.map(|n| RateLimiter::direct(per_minute(n, 60))),
+            tokens: s.tokens_per_minute.map(|n| (RateLimiter::direct(per_minute(n, 10)), (n / 10).max(1))),
             cool_down: CoolDown::default(),
         })
     }
