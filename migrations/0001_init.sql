@@ -91,3 +91,23 @@ CREATE INDEX generations_by_job_finished ON generations (job_id, finished_at) WH
 CREATE INDEX generations_running ON generations (lease_owner, lease_expires_at) WHERE status = 'running';
 CREATE INDEX jobs_by_prompt_set ON jobs (prompt_set_id);
 CREATE INDEX prompts_by_set ON prompts (prompt_set_id, position);
+
+-- Job counters and state follow their items inside the same statement, so the queue's writes
+-- stay single statements (and batches of them) without extra round trips.
+CREATE TRIGGER generations_claimed AFTER UPDATE OF status ON generations
+WHEN NEW.status = 'running' AND OLD.status <> 'running'
+BEGIN
+    UPDATE jobs SET status = 'running', started_at = coalesce(started_at, NEW.started_at), updated_at = NEW.started_at
+     WHERE id = NEW.job_id AND status = 'queued';
+END;
+
+CREATE TRIGGER generations_done AFTER UPDATE OF status ON generations
+WHEN NEW.status = 'done' AND OLD.status <> 'done'
+BEGIN
+    UPDATE jobs
+       SET prompt_tokens = prompt_tokens + coalesce((SELECT prompt_tokens FROM completions WHERE id = NEW.completion_id), 0),
+           completion_tokens = completion_tokens + coalesce((SELECT completion_tokens FROM completions WHERE id = NEW.completion_id), 0),
+           cache_hits = cache_hits + NEW.cache_hit,
+           updated_at = NEW.finished_at
+     WHERE id = NEW.job_id;
+END;

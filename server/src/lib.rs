@@ -11,6 +11,7 @@ pub mod export;
 pub mod http;
 pub mod metrics;
 pub mod queue;
+pub mod recorder;
 pub mod store;
 pub mod submit;
 pub mod teacher;

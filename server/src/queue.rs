@@ -7,10 +7,13 @@
 
 use std::time::Duration;
 
-use sqlx::FromRow;
+use std::collections::HashMap;
+
+use sqlx::{FromRow, QueryBuilder, Sqlite};
 
 use crate::db::Db;
 use crate::domain::job::Endpoint;
+use crate::store::prompt_sets::PromptRow;
 use crate::teacher::GenerateOutput;
 use crate::time::now_ms;
 
@@ -24,141 +27,156 @@ pub struct Claimed {
     pub cache_key: String,
 }
 
+const CLAIM_SQL: &str = "UPDATE generations
+        SET status = 'running', attempts = attempts + 1, lease_owner = ?1, lease_expires_at = ?2,
+            started_at = coalesce(started_at, ?3)
+      WHERE id IN (
+            SELECT g.id FROM jobs j
+              JOIN generations g ON g.job_id = j.id AND g.status = 'queued'
+             WHERE j.teacher = ?4 AND j.status IN ('queued', 'running') AND g.run_at <= ?3
+             ORDER BY j.id, g.id
+             LIMIT ?5)
+  RETURNING id, job_id, prompt_id, attempts, cache_key";
+
 /// Claims up to `n` claimable items of active jobs that use `teacher`, oldest job first.
-pub async fn claim(db: &Db, teacher: &str, owner: &str, n: usize, lease: Duration) -> anyhow::Result<Vec<Claimed>> {
+/// One statement; the `generations_claimed` trigger marks a queued job running.
+pub async fn claim<'c, E>(conn: E, teacher: &str, owner: &str, n: usize, lease: Duration) -> anyhow::Result<Vec<Claimed>>
+where
+    E: sqlx::Executor<'c, Database = Sqlite>,
+{
     let now = now_ms();
-    let mut tx = db.writer.begin().await?;
-    let claimed: Vec<Claimed> = sqlx::query_as(
-        "UPDATE generations
-            SET status = 'running', attempts = attempts + 1, lease_owner = ?1, lease_expires_at = ?2,
-                started_at = coalesce(started_at, ?3)
-          WHERE id IN (
-                SELECT g.id FROM jobs j
-                  JOIN generations g ON g.job_id = j.id AND g.status = 'queued'
-                 WHERE j.teacher = ?4 AND j.status IN ('queued', 'running') AND g.run_at <= ?3
-                 ORDER BY j.id, g.id
-                 LIMIT ?5)
-      RETURNING id, job_id, prompt_id, attempts, cache_key",
-    )
-    .bind(owner)
-    .bind(now + lease.as_millis() as i64)
-    .bind(now)
-    .bind(teacher)
-    .bind(n as i64)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut jobs: Vec<i64> = claimed.iter().map(|c| c.job_id).collect();
-    jobs.sort_unstable();
-    jobs.dedup();
-    for job in jobs {
-        sqlx::query(
-            "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?), updated_at = ?
-             WHERE id = ? AND status = 'queued'",
-        )
+    let mut rows: Vec<Claimed> = sqlx::query_as(CLAIM_SQL)
+        .bind(owner)
+        .bind(now + lease.as_millis() as i64)
         .bind(now)
-        .bind(now)
-        .bind(job)
-        .execute(&mut *tx)
+        .bind(teacher)
+        .bind(n as i64)
+        .fetch_all(conn)
         .await?;
-    }
-    tx.commit().await?;
-    Ok(claimed)
+    rows.sort_by_key(|c| (c.job_id, c.id));
+    Ok(rows)
 }
 
-/// A completion already in the dedup cache.
+/// A claimed item's prompt, and the completion already cached for its key, if any.
 #[derive(Debug, Clone, FromRow)]
-pub struct CachedCompletion {
-    pub id: i64,
-    pub prompt_tokens: Option<i64>,
-    pub completion_tokens: Option<i64>,
+pub struct ItemInput {
+    #[sqlx(flatten)]
+    pub prompt: PromptRow,
+    pub cached_completion: Option<i64>,
 }
 
-pub async fn cached(db: &Db, cache_key: &str) -> anyhow::Result<Option<CachedCompletion>> {
-    Ok(sqlx::query_as("SELECT id, prompt_tokens, completion_tokens FROM completions WHERE cache_key = ?")
-        .bind(cache_key)
-        .fetch_optional(&db.reader)
-        .await?)
+/// Reads what an item needs in one query.
+pub async fn input(db: &Db, item: &Claimed) -> anyhow::Result<ItemInput> {
+    Ok(sqlx::query_as(
+        "SELECT p.id, p.position, p.external_id, p.prompt, p.messages, p.system, p.metadata,
+                (SELECT c.id FROM completions c WHERE c.cache_key = ?1) AS cached_completion
+           FROM prompts p WHERE p.id = ?2",
+    )
+    .bind(&item.cache_key)
+    .bind(item.prompt_id)
+    .fetch_one(&db.reader)
+    .await?)
 }
 
 /// A fresh teacher answer to record.
-pub struct NewCompletion<'a> {
-    pub teacher_identity: &'a str,
+#[derive(Debug, Clone)]
+pub struct NewCompletion {
+    pub teacher_identity: String,
     pub endpoint: Endpoint,
     pub request: String,
-    pub output: &'a GenerateOutput,
+    pub output: GenerateOutput,
 }
 
 /// Where a finished item's completion comes from.
-pub enum Outcome<'a> {
-    Fresh(NewCompletion<'a>),
-    CacheHit(CachedCompletion),
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Fresh(NewCompletion),
+    CacheHit { completion_id: i64 },
 }
 
-/// Records a finished item. The completion is stored (and so cached) even if the fence fails,
-/// e.g. because the job was cancelled meanwhile. Returns whether the item was ours to finish.
-pub async fn complete(db: &Db, item: &Claimed, owner: &str, outcome: Outcome<'_>) -> anyhow::Result<bool> {
+/// A finished item waiting to be recorded.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub item: Claimed,
+    pub outcome: Outcome,
+}
+
+/// Records finished items in one transaction (group commit). Fresh completions are stored, and
+/// so cached, even when the fence fails (e.g. the job was cancelled meanwhile). Returns, per
+/// item, whether it was still ours to finish.
+/// In the same transaction it claims `wants[t]` new items for each teacher `t`, so a worker
+/// can go straight on to its next item.
+pub async fn complete_batch(
+    db: &Db,
+    owner: &str,
+    batch: &[Finished],
+    wants: &[(String, usize)],
+    lease: Duration,
+) -> anyhow::Result<(Vec<bool>, HashMap<String, Vec<Claimed>>)> {
     let now = now_ms();
     let mut tx = db.writer.begin().await?;
-    let (completion_id, cache_hit, pt, ct) = match outcome {
-        Outcome::Fresh(c) => {
-            let o = c.output;
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO completions (cache_key, teacher_identity, endpoint, request, text, finish_reason,
-                     prompt_tokens, completion_tokens, latency_ms, model, system_fingerprint, http_attempts, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (cache_key) DO UPDATE SET cache_key = excluded.cache_key
-                 RETURNING id",
-            )
-            .bind(&item.cache_key)
-            .bind(c.teacher_identity)
-            .bind(c.endpoint.as_str())
-            .bind(&c.request)
-            .bind(&o.text)
-            .bind(&o.finish_reason)
-            .bind(o.prompt_tokens)
-            .bind(o.completion_tokens)
-            .bind(o.latency.as_millis() as i64)
-            .bind(&o.model)
-            .bind(&o.system_fingerprint)
-            .bind(o.http_attempts as i64)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-            (id, 0i64, o.prompt_tokens, o.completion_tokens)
+    let mut ids: HashMap<String, i64> = HashMap::new();
+    let fresh: Vec<(&Claimed, &NewCompletion)> = batch
+        .iter()
+        .filter_map(|f| match &f.outcome {
+            Outcome::Fresh(c) => Some((&f.item, c)),
+            Outcome::CacheHit { .. } => None,
+        })
+        .collect();
+    for chunk in fresh.chunks(200) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO completions (cache_key, teacher_identity, endpoint, request, text, finish_reason,
+                 prompt_tokens, completion_tokens, latency_ms, model, system_fingerprint, http_attempts, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, (item, c)| {
+            let o = &c.output;
+            b.push_bind(&item.cache_key)
+                .push_bind(&c.teacher_identity)
+                .push_bind(c.endpoint.as_str())
+                .push_bind(&c.request)
+                .push_bind(&o.text)
+                .push_bind(&o.finish_reason)
+                .push_bind(o.prompt_tokens)
+                .push_bind(o.completion_tokens)
+                .push_bind(o.latency.as_millis() as i64)
+                .push_bind(&o.model)
+                .push_bind(&o.system_fingerprint)
+                .push_bind(o.http_attempts as i64)
+                .push_bind(now);
+        });
+        qb.push(" ON CONFLICT (cache_key) DO UPDATE SET cache_key = excluded.cache_key RETURNING id, cache_key");
+        let rows: Vec<(i64, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+        ids.extend(rows.into_iter().map(|(id, key)| (key, id)));
+    }
+    let mut applied: HashMap<i64, ()> = HashMap::new();
+    for chunk in batch.chunks(500) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "UPDATE generations
+                SET status = 'done', completion_id = v.column2, cache_hit = v.column3, finished_at = ",
+        );
+        qb.push_bind(now);
+        qb.push(", last_error = NULL, lease_owner = NULL, lease_expires_at = NULL FROM (");
+        qb.push_values(chunk, |mut b, f| {
+            let (completion, hit) = match &f.outcome {
+                Outcome::Fresh(_) => (ids.get(&f.item.cache_key).copied(), 0i64),
+                Outcome::CacheHit { completion_id } => (Some(*completion_id), 1i64),
+            };
+            b.push_bind(f.item.id).push_bind(completion).push_bind(hit).push_bind(f.item.attempts);
+        });
+        qb.push(") AS v WHERE generations.id = v.column1 AND generations.status = 'running' AND generations.attempts = v.column4 AND generations.lease_owner = ");
+        qb.push_bind(owner);
+        qb.push(" RETURNING id");
+        let rows: Vec<(i64,)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+        applied.extend(rows.into_iter().map(|(id,)| (id, ())));
+    }
+    let mut claimed = HashMap::new();
+    for (teacher, n) in wants {
+        if *n > 0 {
+            claimed.insert(teacher.clone(), claim(&mut *tx, teacher, owner, *n, lease).await?);
         }
-        Outcome::CacheHit(c) => (c.id, 1i64, c.prompt_tokens, c.completion_tokens),
-    };
-    let applied = sqlx::query(
-        "UPDATE generations
-            SET status = 'done', completion_id = ?, cache_hit = ?, finished_at = ?, last_error = NULL,
-                lease_owner = NULL, lease_expires_at = NULL
-          WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
-    )
-    .bind(completion_id)
-    .bind(cache_hit)
-    .bind(now)
-    .bind(item.id)
-    .bind(owner)
-    .bind(item.attempts)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if applied {
-        sqlx::query(
-            "UPDATE jobs SET prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?,
-                 cache_hits = cache_hits + ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(pt.unwrap_or(0))
-        .bind(ct.unwrap_or(0))
-        .bind(cache_hit)
-        .bind(now)
-        .bind(item.job_id)
-        .execute(&mut *tx)
-        .await?;
     }
     tx.commit().await?;
-    Ok(applied)
+    Ok((batch.iter().map(|f| applied.contains_key(&f.item.id)).collect(), claimed))
 }
 
 /// Records a failed attempt: back to the queue at `retry_at` while attempts remain, else failed.

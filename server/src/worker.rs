@@ -13,7 +13,8 @@ use crate::db::Db;
 use crate::domain::job::JobParams;
 use crate::domain::render::{render, JobTemplate, PromptView};
 use crate::metrics::{global as metrics, Outcome as MetricOutcome, TeacherLabel, TokenKind, TokenLabel};
-use crate::queue::{self, Claimed, NewCompletion, Outcome};
+use crate::queue::{self, Claimed, Finished, NewCompletion, Outcome};
+use crate::recorder::Recorder;
 use crate::store;
 use crate::teacher::{GenerateRequest, Teacher, TeacherError};
 
@@ -39,6 +40,7 @@ pub struct WorkerShared {
     /// Wakes idle dispatchers when work arrives (new job, resume, retry).
     pub wake: Notify,
     jobs: Mutex<HashMap<i64, Arc<JobContext>>>,
+    recorder: Recorder,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -53,6 +55,7 @@ impl Workers {
     pub fn start(db: Db, teachers: Vec<Arc<dyn Teacher>>, lease: Duration, max_attempts: u32) -> Self {
         let owner = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
         let shared = Arc::new(WorkerShared {
+            recorder: Recorder::start(db.clone(), owner.clone(), lease),
             db,
             owner,
             lease,
@@ -104,7 +107,7 @@ async fn dispatch(shared: Arc<WorkerShared>, teacher: Arc<dyn Teacher>) {
         while let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
             permits.push(p);
         }
-        let claimed = match queue::claim(&shared.db, teacher.name(), &shared.owner, permits.len(), shared.lease).await {
+        let claimed = match queue::claim(&shared.db.writer, teacher.name(), &shared.owner, permits.len(), shared.lease).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(teacher = teacher.name(), error = %e, "claim failed");
@@ -124,7 +127,16 @@ async fn dispatch(shared: Arc<WorkerShared>, teacher: Arc<dyn Teacher>) {
             let shared = Arc::clone(&shared);
             let teacher = Arc::clone(&teacher);
             shared.tracker.clone().spawn(async move {
-                process(&shared, teacher.as_ref(), item).await;
+                // Keep the slot while the recorder hands over next items.
+                let mut next = Some(item);
+                while let Some(item) = next.take() {
+                    next = process(&shared, teacher.as_ref(), item).await;
+                    if shared.shutdown.is_cancelled() {
+                        // Draining: a next item claimed meanwhile is not started; shutdown
+                        // releases it back to the queue.
+                        break;
+                    }
+                }
                 drop(permit);
             });
         }
@@ -133,18 +145,27 @@ async fn dispatch(shared: Arc<WorkerShared>, teacher: Arc<dyn Teacher>) {
 
 /// Keeps leases alive, returns expired ones, and marks finished jobs done.
 async fn maintain(shared: Arc<WorkerShared>) {
-    let tick = Duration::from_millis(500);
+    let tick = Duration::from_millis(100);
     let beat_every = (shared.lease / 3).max(tick);
-    let mut since_beat = Duration::ZERO;
+    let reap_every = Duration::from_secs(1);
+    let (mut since_beat, mut since_reap) = (Duration::ZERO, Duration::ZERO);
     loop {
         tokio::time::sleep(tick).await;
         since_beat += tick;
+        since_reap += tick;
         if since_beat >= beat_every {
             since_beat = Duration::ZERO;
             if let Err(e) = queue::heartbeat(&shared.db, &shared.owner, shared.lease).await {
                 tracing::error!(error = %e, "heartbeat failed");
             }
         }
+        if since_reap < reap_every {
+            if let Err(e) = store::jobs::finish_completed(&shared.db).await {
+                tracing::error!(error = %e, "finishing jobs failed");
+            }
+            continue;
+        }
+        since_reap = Duration::ZERO;
         match queue::requeue_expired(&shared.db, shared.max_attempts).await {
             Ok(n) if n > 0 => {
                 tracing::warn!(items = n, "requeued items with expired leases");
@@ -173,12 +194,16 @@ impl WorkerShared {
     }
 }
 
-async fn process(shared: &WorkerShared, teacher: &dyn Teacher, item: Claimed) {
+/// Answers and records one item; returns the next item claimed for this worker, if any.
+async fn process(shared: &WorkerShared, teacher: &dyn Teacher, item: Claimed) -> Option<Claimed> {
     let label = TeacherLabel { teacher: teacher.name().to_string() };
     let result = run_item(shared, teacher, &item, &label).await;
+    let mut next = None;
     let outcome = match result {
-        Ok(Some(hit)) => hit,
-        Ok(None) => MetricOutcome::Discarded,
+        Ok((ours, claimed)) => {
+            next = claimed;
+            ours.unwrap_or(MetricOutcome::Discarded)
+        }
         Err(ItemError::Retry(msg)) => {
             let retry_at = crate::time::now_ms() + (REQUEUE_DELAY * item.attempts as u32).as_millis() as i64;
             record_failure(shared, &item, &msg, Some(retry_at)).await
@@ -191,6 +216,7 @@ async fn process(shared: &WorkerShared, teacher: &dyn Teacher, item: Claimed) {
         }
     };
     metrics().outcome(teacher.name(), outcome);
+    next
 }
 
 async fn record_failure(shared: &WorkerShared, item: &Claimed, msg: &str, retry_at: Option<i64>) -> MetricOutcome {
@@ -220,13 +246,15 @@ impl From<anyhow::Error> for ItemError {
     }
 }
 
-/// Answers one item. `Ok(None)` when the fenced write found the item no longer ours.
+/// Answers one item: the outcome (`None` when the fenced write found the item no longer
+/// ours) and the next item the recorder claimed for this worker.
 async fn run_item(
     shared: &WorkerShared,
     teacher: &dyn Teacher,
     item: &Claimed,
     label: &TeacherLabel,
-) -> Result<Option<MetricOutcome>, ItemError> {
+) -> Result<(Option<MetricOutcome>, Option<Claimed>), ItemError> {
+    let next_for = (!shared.shutdown.is_cancelled()).then(|| teacher.name());
     let job = shared.job(item.job_id).await?;
     if job.teacher_identity != teacher.identity() {
         return Err(ItemError::Fatal(format!(
@@ -236,13 +264,13 @@ async fn run_item(
             job.teacher_identity
         )));
     }
-    if let Some(hit) = queue::cached(&shared.db, &item.cache_key).await? {
-        let ours = queue::complete(&shared.db, item, &shared.owner, Outcome::CacheHit(hit)).await?;
-        return Ok(ours.then_some(MetricOutcome::CacheHit));
+    let input = queue::input(&shared.db, item).await?;
+    if let Some(completion_id) = input.cached_completion {
+        let done = Finished { item: item.clone(), outcome: Outcome::CacheHit { completion_id } };
+        let (ours, next) = shared.recorder.record(done, next_for).await?;
+        return Ok((ours.then_some(MetricOutcome::CacheHit), next));
     }
-    let prompt = store::prompt_sets::prompt(&shared.db, item.prompt_id)
-        .await
-        .map_err(|e| ItemError::Internal(anyhow::anyhow!("{e}")))?;
+    let prompt = input.prompt;
     let content = prompt.content()?;
     let metadata = prompt.metadata_value();
     let view = PromptView {
@@ -272,11 +300,12 @@ async fn run_item(
     m.tokens.get_or_create(&tokens(TokenKind::Prompt)).inc_by(output.prompt_tokens.unwrap_or(0).max(0) as u64);
     m.tokens.get_or_create(&tokens(TokenKind::Completion)).inc_by(output.completion_tokens.unwrap_or(0).max(0) as u64);
     let fresh = NewCompletion {
-        teacher_identity: teacher.identity(),
+        teacher_identity: teacher.identity().to_string(),
         endpoint: job.params.endpoint,
         request: req.request.stored(),
-        output: &output,
+        output,
     };
-    let ours = queue::complete(&shared.db, item, &shared.owner, Outcome::Fresh(fresh)).await?;
-    Ok(ours.then_some(MetricOutcome::Done))
+    let done = Finished { item: item.clone(), outcome: Outcome::Fresh(fresh) };
+    let (ours, next) = shared.recorder.record(done, next_for).await?;
+    Ok((ours.then_some(MetricOutcome::Done), next))
 }
