@@ -10,6 +10,7 @@ pub mod error;
 pub mod export;
 pub mod http;
 pub mod metrics;
+pub mod model;
 pub mod queue;
 pub mod recorder;
 pub mod store;

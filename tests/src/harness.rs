@@ -250,3 +250,15 @@ impl Drop for ServerProcess {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF that `scripts/fetch-model.sh` puts in `models/`.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} missing: run scripts/fetch-model.sh (scripts/test.sh does)", p.display());
+    p
+}

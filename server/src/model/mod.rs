@@ -1,0 +1,5 @@
+//! Local model files: GGUF metadata and the tokenizer rebuilt from it. Shared by the local
+//! teacher, the trainer and the soft-label mode, which must all agree on token ids.
+
+pub mod gguf;
+pub mod tokenizer;
