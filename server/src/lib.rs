@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod engine;
 pub mod error;
 pub mod export;
 pub mod http;

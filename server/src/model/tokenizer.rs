@@ -119,7 +119,11 @@ impl GgufTokenizer {
         let eos = meta.opt_u32("tokenizer.ggml.eos_token_id").context("GGUF has no tokenizer.ggml.eos_token_id")?;
         let bos = meta.opt_u32("tokenizer.ggml.bos_token_id");
         let mut stop = vec![eos];
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>"] {
+        // The end-of-generation names llama.cpp recognises (llama-vocab.cpp), so both stop alike.
+        for name in [
+            "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
+            "<EOT>", "_<EOT>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<fim-repo>", "<reponame>",
+        ] {
             if let Some(i) = tokens.iter().position(|t| t == name) {
                 if types.get(i) == Some(&TOKEN_TYPE_CONTROL) && !stop.contains(&(i as u32)) {
                     stop.push(i as u32);
