@@ -12,6 +12,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
+use super::attention::{attend, VBLOCK};
 use super::quant::{Format, Q8Rows, QMatrix};
 
 /// Model shape, from the GGUF metadata.
@@ -58,7 +59,8 @@ pub struct Llama {
     rope: Vec<(f32, f32)>,
 }
 
-/// Keys and values of one sequence, for every layer.
+/// Keys and values of one sequence, for every layer: keys `[pos][kv_dim]`, values in blocks
+/// of 32 positions `[block][kv_dim][32]` (see `attention`).
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
@@ -222,32 +224,28 @@ impl Llama {
             // both implementations round alike and agree on near-ties.
             for (ri, &(c, _)) in rows.iter().enumerate() {
                 let cache = &mut *chunks[c].cache;
+                let pos = cache.k[li].len() / kvd;
                 cache.k[li].extend(k[ri * kvd..(ri + 1) * kvd].iter().map(|x| round_f16(*x)));
-                cache.v[li].extend(v[ri * kvd..(ri + 1) * kvd].iter().map(|x| round_f16(*x)));
+                let (blk, slot) = (pos / VBLOCK, pos % VBLOCK);
+                if slot == 0 {
+                    cache.v[li].resize((blk + 1) * kvd * VBLOCK, 0.0);
+                }
+                let base = blk * kvd * VBLOCK;
+                for (c, x) in v[ri * kvd..(ri + 1) * kvd].iter().enumerate() {
+                    cache.v[li][base + c * VBLOCK + slot] = round_f16(*x);
+                }
             }
             q.iter_mut().for_each(|x| *x = round_f16(*x));
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.cache).collect();
             let group = cfg.heads / cfg.kv_heads;
             let scale = 1.0 / (hd as f32).sqrt();
-            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+            att.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, out)| {
                 let (ri, h) = (i / cfg.heads, i % cfg.heads);
                 let (c, pos) = rows[ri];
                 let cache = caches[c];
                 let qh = &q[ri * d + h * hd..ri * d + (h + 1) * hd];
-                let kh = h / group;
-                let n = pos + 1; // causal: positions 0..=pos
-                let mut scores: Vec<f32> = (0..n)
-                    .map(|j| dot_lanes(qh, &cache.k[li][j * kvd + kh * hd..j * kvd + (kh + 1) * hd]) * scale)
-                    .collect();
-                softmax_in_place(&mut scores);
-                // out[c] = Σ_j p_j·v_j[c], summed in the same lane order as the dot above.
-                let mut col = vec![0f32; n];
-                for (ci, o) in out.iter_mut().enumerate() {
-                    for (j, cv) in col.iter_mut().enumerate() {
-                        *cv = cache.v[li][j * kvd + kh * hd + ci];
-                    }
-                    *o = dot_lanes(&scores, &col);
-                }
+                // Causal: positions 0..=pos.
+                attend(qh, &cache.k[li], &cache.v[li], pos + 1, h / group, kvd, scale, scores, out);
             });
             let aq = Q8Rows::quantize(&att, t, d);
             layer.wo.matmul(&aq, &att, &mut o);
@@ -308,48 +306,6 @@ impl Llama {
                 head[2 * i + 1] = a * sin + b * cos;
             }
         }
-    }
-}
-
-/// Dot product accumulated like ggml's f16 dot on AVX2: 4 accumulators of 8 lanes over
-/// strides of 32, then a fixed reduction tree. Matching its order keeps both engines'
-/// results bit-identical, which matters because 8-bit activation rounding amplifies ulps.
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    // Lengths that are not a multiple of 32 act as zero-padded (llama.cpp pads its KV view).
-    let n = a.len();
-    let mut acc = [[0f32; 8]; 4];
-    for i in (0..n).step_by(32) {
-        for (j, lanes) in acc.iter_mut().enumerate() {
-            for (l, s) in lanes.iter_mut().enumerate() {
-                let k = i + j * 8 + l;
-                if k < n {
-                    *s = a[k].mul_add(b[k], *s);
-                }
-            }
-        }
-    }
-    for l in 0..8 {
-        acc[0][l] += acc[2][l];
-        acc[1][l] += acc[3][l];
-    }
-    for l in 0..8 {
-        acc[0][l] += acc[1][l];
-    }
-    let t0: [f32; 4] = std::array::from_fn(|l| acc[0][l] + acc[0][l + 4]);
-    (t0[0] + t0[1]) + (t0[2] + t0[3])
-}
-
-/// Softmax with the sum in f64 and a reciprocal scale; the weights end in f16 as llama.cpp's do.
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v = round_f16(*v * inv);
     }
 }
 

@@ -1,0 +1,103 @@
+//! Local teacher speed: the native engine against llama.cpp on the same GGUF, same cores,
+//! in one run. Greedy, prompts of tests/fixtures/smollm2/greedy.jsonl, up to 128 new tokens,
+//! prompt processing included.
+//!
+//! Run: `cargo bench -p distill-tests --bench engine` (needs models/ and the llama.cpp venv
+//! from scripts/fetch-model.sh and scripts/setup-llama-server.sh).
+
+use std::time::Instant;
+
+use distill_tests::harness::{repo_root, smollm2_gguf};
+use server::engine::llama::{argmax, Chunk, KvCache, Llama};
+
+const MAX_NEW: usize = 128;
+
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2/greedy.jsonl"))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        })
+        .collect()
+}
+
+const STOP: [u32; 3] = [0, 2, 4];
+
+/// Greedy-decodes all prompts as one batch; returns tokens generated.
+fn run_batch(model: &Llama, batch: &[Vec<u32>]) -> usize {
+    let mut caches: Vec<KvCache> = batch.iter().map(|_| KvCache::new(&model.cfg)).collect();
+    let mut next: Vec<Option<u32>> = vec![None; batch.len()];
+    let mut generated = 0;
+    {
+        let mut chunks: Vec<Chunk> = caches
+            .iter_mut()
+            .zip(batch)
+            .map(|(c, p)| Chunk { cache: c, tokens: p, all_logits: false })
+            .collect();
+        let logits = model.forward(&mut chunks).unwrap();
+        for (i, l) in logits.iter().enumerate() {
+            next[i] = Some(argmax(l));
+        }
+    }
+    let mut counts = vec![0usize; batch.len()];
+    loop {
+        let active: Vec<usize> = (0..batch.len())
+            .filter(|&i| matches!(next[i], Some(t) if !STOP.contains(&t)) && counts[i] < MAX_NEW)
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        let toks: Vec<[u32; 1]> = active.iter().map(|&i| [next[i].unwrap()]).collect();
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut rest: &mut [KvCache] = &mut caches;
+        let mut offset = 0;
+        for (k, &i) in active.iter().enumerate() {
+            let (_, tail) = rest.split_at_mut(i - offset);
+            let (cur, tail2) = tail.split_first_mut().unwrap();
+            chunks.push(Chunk { cache: cur, tokens: &toks[k], all_logits: false });
+            rest = tail2;
+            offset = i + 1;
+        }
+        let logits = model.forward(&mut chunks).unwrap();
+        for (k, &i) in active.iter().enumerate() {
+            counts[i] += 1;
+            generated += 1;
+            next[i] = Some(argmax(&logits[k]));
+        }
+    }
+    generated + batch.len() - batch.len()
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn main() {
+    let threads = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
+    let model = Llama::load(&smollm2_gguf()).unwrap();
+    let four = prompts(4);
+    let start = Instant::now();
+    let mut toks = 0;
+    for p in &four {
+        toks += run_batch(&model, std::slice::from_ref(p));
+    }
+    let seq = toks as f64 / start.elapsed().as_secs_f64();
+    println!("native sequential: {toks} tokens, {seq:.1} tok/s");
+    let eight = prompts(8);
+    let start = Instant::now();
+    let toks = run_batch(&model, &eight);
+    let conc = toks as f64 / start.elapsed().as_secs_f64();
+    println!("native 8 concurrent: {toks} tokens, {conc:.1} tok/s aggregate");
+    println!("native peak RSS: {:.0} MiB", peak_rss_mib());
+}
