@@ -35,11 +35,16 @@ impl Format {
 }
 
 /// A `rows × cols` weight matrix, row-major, each row a run of blocks along `cols`.
+/// At load the file's blocks are split into f32 scales and packed quants, so the hot loops
+/// read aligned runs and convert no f16.
 pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub format: Format,
-    pub data: Vec<u8>,
+    /// Per block: Q4_1 `[d, m]`, Q8_0 `[d]`; empty for F32.
+    scales: Vec<f32>,
+    /// Per block: Q4_1 16 bytes of nibbles, Q8_0 32 signed bytes; F32 the raw values.
+    quants: Vec<u8>,
 }
 
 /// Activation rows quantized to 8-bit blocks: per block a scale `d`, `s = d·Σq`, and 32 q.
@@ -67,7 +72,8 @@ impl Q8Rows {
             let q = &mut out.q[bi * QK..(bi + 1) * QK];
             let mut sum = 0i32;
             for (qi, v) in q.iter_mut().zip(chunk) {
-                let r = (v * id).round_ties_even() as i32;
+                // Round half to even without a libm call: |v·id| ≤ 127, far below 2^22.
+                let r = ((v * id + 12_582_912.0) - 12_582_912.0) as i32;
                 *qi = r as i8;
                 sum += r;
             }
@@ -84,6 +90,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 impl QMatrix {
+    /// Takes the file's bytes (GGML block layout) and repacks them.
     pub fn new(rows: usize, cols: usize, format: Format, data: Vec<u8>) -> anyhow::Result<Self> {
         if cols % QK != 0 {
             anyhow::bail!("matrix with {cols} columns: not a multiple of {QK}");
@@ -92,36 +99,61 @@ impl QMatrix {
         if data.len() != want {
             anyhow::bail!("{format:?} matrix {rows}x{cols} needs {want} bytes, got {}", data.len());
         }
-        Ok(QMatrix { rows, cols, format, data })
+        let blocks = rows * cols / QK;
+        let (scales, quants) = match format {
+            Format::Q4_1 => {
+                let mut sc = Vec::with_capacity(2 * blocks);
+                let mut q = Vec::with_capacity(16 * blocks);
+                for b in data.chunks_exact(20) {
+                    sc.push(f16_at(b, 0));
+                    sc.push(f16_at(b, 2));
+                    q.extend_from_slice(&b[4..20]);
+                }
+                (sc, q)
+            }
+            Format::Q8_0 => {
+                let mut sc = Vec::with_capacity(blocks);
+                let mut q = Vec::with_capacity(32 * blocks);
+                for b in data.chunks_exact(34) {
+                    sc.push(f16_at(b, 0));
+                    q.extend_from_slice(&b[2..34]);
+                }
+                (sc, q)
+            }
+            Format::F32 => (Vec::new(), data),
+        };
+        Ok(QMatrix { rows, cols, format, scales, quants })
     }
 
-    fn row_bytes(&self) -> usize {
-        (self.cols / QK) * self.format.block_bytes()
+    fn blocks_per_row(&self) -> usize {
+        self.cols / QK
     }
 
     /// Row `r` as f32 (embedding lookups, tests).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-        let bb = self.format.block_bytes();
-        for (j, block) in row.chunks_exact(bb).enumerate() {
+        let nb = self.blocks_per_row();
+        for j in 0..nb {
+            let blk = r * nb + j;
             let o = &mut out[j * QK..(j + 1) * QK];
             match self.format {
                 Format::Q4_1 => {
-                    let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+                    let (d, m) = (self.scales[2 * blk], self.scales[2 * blk + 1]);
+                    let q = &self.quants[16 * blk..16 * blk + 16];
                     for i in 0..16 {
-                        o[i] = (block[4 + i] & 0x0F) as f32 * d + m;
-                        o[i + 16] = (block[4 + i] >> 4) as f32 * d + m;
+                        o[i] = (q[i] & 0x0F) as f32 * d + m;
+                        o[i + 16] = (q[i] >> 4) as f32 * d + m;
                     }
                 }
                 Format::Q8_0 => {
-                    let d = f16_at(block, 0);
+                    let d = self.scales[blk];
                     for i in 0..QK {
-                        o[i] = block[2 + i] as i8 as f32 * d;
+                        o[i] = self.quants[32 * blk + i] as i8 as f32 * d;
                     }
                 }
                 Format::F32 => {
                     for i in 0..QK {
-                        o[i] = f32::from_le_bytes(block[4 * i..4 * i + 4].try_into().unwrap());
+                        let k = 4 * (blk * QK + i);
+                        o[i] = f32::from_le_bytes(self.quants[k..k + 4].try_into().unwrap());
                     }
                 }
             }
@@ -155,15 +187,25 @@ impl QMatrix {
 
     /// Computes weight rows [lo, hi) for all activation rows into `tile[(n-lo)·B + b]`.
     fn rows_range(&self, lo: usize, hi: usize, x: &Q8Rows, xf: &[f32], tile: &mut [f32]) {
-        let rb = self.row_bytes();
+        let nb = self.blocks_per_row();
         let b = x.rows;
         for (i, n) in (lo..hi).enumerate() {
-            let row = &self.data[n * rb..(n + 1) * rb];
             let dst = &mut tile[i * b..(i + 1) * b];
             match self.format {
-                Format::Q4_1 => kernels::q4_1_row(row, x, dst),
-                Format::Q8_0 => kernels::q8_0_row(row, x, dst),
+                Format::Q4_1 => kernels::q4_1_row(
+                    &self.scales[2 * n * nb..2 * (n + 1) * nb],
+                    &self.quants[16 * n * nb..16 * (n + 1) * nb],
+                    x,
+                    dst,
+                ),
+                Format::Q8_0 => kernels::q8_0_row(
+                    &self.scales[n * nb..(n + 1) * nb],
+                    &self.quants[32 * n * nb..32 * (n + 1) * nb],
+                    x,
+                    dst,
+                ),
                 Format::F32 => {
+                    let row = &self.quants[4 * n * self.cols..4 * (n + 1) * self.cols];
                     let w: Vec<f32> = row.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
                     for (bi, d) in dst.iter_mut().enumerate() {
                         let xr = &xf[bi * self.cols..(bi + 1) * self.cols];
@@ -182,54 +224,57 @@ unsafe impl Sync for SendPtr {}
 
 /// Dot products of one weight row with every activation row.
 mod kernels {
-    use super::{f16_at, Q8Rows, QK};
+    use super::{Q8Rows, QK};
 
-    pub fn q4_1_row(row: &[u8], x: &Q8Rows, out: &mut [f32]) {
+    /// One Q4_1 row: `sc` holds `[d, m]` per block, `q` 16 bytes of nibbles per block.
+    pub fn q4_1_row(sc: &[f32], q: &[u8], x: &Q8Rows, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                return unsafe { avx2::q4_1_row(row, x, out) };
+                return unsafe { avx2::q4_1_row(sc, q, x, out) };
             }
         }
-        scalar_q4_1_row(row, x, out)
+        scalar_q4_1_row(sc, q, x, out)
     }
 
-    pub fn q8_0_row(row: &[u8], x: &Q8Rows, out: &mut [f32]) {
+    /// One Q8_0 row: `sc` holds `d` per block, `q` 32 signed bytes per block.
+    pub fn q8_0_row(sc: &[f32], q: &[u8], x: &Q8Rows, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                return unsafe { avx2::q8_0_row(row, x, out) };
+                return unsafe { avx2::q8_0_row(sc, q, x, out) };
             }
         }
-        scalar_q8_0_row(row, x, out)
+        scalar_q8_0_row(sc, q, x, out)
     }
 
-    pub fn scalar_q4_1_row(row: &[u8], x: &Q8Rows, out: &mut [f32]) {
+    pub fn scalar_q4_1_row(sc: &[f32], q: &[u8], x: &Q8Rows, out: &mut [f32]) {
         for (b, o) in out.iter_mut().enumerate() {
             let mut acc = 0f32;
-            for (j, w) in row.chunks_exact(20).enumerate() {
+            for j in 0..sc.len() / 2 {
                 let xi = b * x.blocks + j;
-                let q = &x.q[xi * QK..(xi + 1) * QK];
+                let xq = &x.q[xi * QK..(xi + 1) * QK];
+                let w = &q[16 * j..16 * j + 16];
                 let mut sumi = 0i32;
                 for i in 0..16 {
-                    sumi += (w[4 + i] & 0x0F) as i32 * q[i] as i32 + (w[4 + i] >> 4) as i32 * q[i + 16] as i32;
+                    sumi += (w[i] & 0x0F) as i32 * xq[i] as i32 + (w[i] >> 4) as i32 * xq[i + 16] as i32;
                 }
-                acc += f16_at(w, 0) * x.d[xi] * sumi as f32 + f16_at(w, 2) * x.s[xi];
+                acc += sc[2 * j] * x.d[xi] * sumi as f32 + sc[2 * j + 1] * x.s[xi];
             }
             *o = acc;
         }
     }
 
-    pub fn scalar_q8_0_row(row: &[u8], x: &Q8Rows, out: &mut [f32]) {
+    pub fn scalar_q8_0_row(sc: &[f32], q: &[u8], x: &Q8Rows, out: &mut [f32]) {
         for (b, o) in out.iter_mut().enumerate() {
             let mut acc = 0f32;
-            for (j, w) in row.chunks_exact(34).enumerate() {
+            for (j, d) in sc.iter().enumerate() {
                 let xi = b * x.blocks + j;
-                let q = &x.q[xi * QK..(xi + 1) * QK];
-                let sumi: i32 = (0..QK).map(|i| w[2 + i] as i8 as i32 * q[i] as i32).sum();
-                acc += f16_at(w, 0) * x.d[xi] * sumi as f32;
+                let xq = &x.q[xi * QK..(xi + 1) * QK];
+                let sumi: i32 = (0..QK).map(|i| q[32 * j + i] as i8 as i32 * xq[i] as i32).sum();
+                acc += d * x.d[xi] * sumi as f32;
             }
             *o = acc;
         }
@@ -239,7 +284,7 @@ mod kernels {
     mod avx2 {
         use std::arch::x86_64::*;
 
-        use super::super::{f16_at, Q8Rows, QK};
+        use super::super::{Q8Rows, QK};
 
         /// Activation rows handled together, so each unpacked weight block is reused.
         const TILE: usize = 4;
@@ -255,30 +300,32 @@ mod kernels {
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q4_1_row(row: &[u8], x: &Q8Rows, out: &mut [f32]) {
+        pub unsafe fn q4_1_row(sc: &[f32], q: &[u8], x: &Q8Rows, out: &mut [f32]) {
             let nb = x.blocks;
+            debug_assert_eq!(sc.len(), 2 * nb);
             let mask = _mm_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
+            let (sp, qp) = (sc.as_ptr(), q.as_ptr());
+            let (xd, xs, xq) = (x.d.as_ptr(), x.s.as_ptr(), x.q.as_ptr());
             let mut b0 = 0;
             while b0 < out.len() {
                 let t = (out.len() - b0).min(TILE);
                 let mut acc = [_mm256_setzero_ps(); TILE];
                 let mut mins = [0f32; TILE];
                 for j in 0..nb {
-                    let w = row.as_ptr().add(j * 20);
-                    let d = f16_at(row, j * 20);
-                    let m = f16_at(row, j * 20 + 2);
-                    let qs = _mm_loadu_si128(w.add(4) as *const __m128i);
+                    let d = *sp.add(2 * j);
+                    let m = *sp.add(2 * j + 1);
+                    let qs = _mm_loadu_si128(qp.add(16 * j) as *const __m128i);
                     let lo = _mm_and_si128(qs, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
                     let wq = _mm256_set_m128i(hi, lo);
                     for k in 0..t {
                         let xi = (b0 + k) * nb + j;
-                        let xq = _mm256_loadu_si256(x.q.as_ptr().add(xi * QK) as *const __m256i);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-                        let scale = _mm256_set1_ps(d * *x.d.get_unchecked(xi));
+                        let v = _mm256_loadu_si256(xq.add(xi * QK) as *const __m256i);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, v), ones);
+                        let scale = _mm256_set1_ps(d * *xd.add(xi));
                         acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[k]);
-                        mins[k] += m * *x.s.get_unchecked(xi);
+                        mins[k] += m * *xs.add(xi);
                     }
                 }
                 for k in 0..t {
@@ -289,25 +336,27 @@ mod kernels {
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q8_0_row(row: &[u8], x: &Q8Rows, out: &mut [f32]) {
+        pub unsafe fn q8_0_row(sc: &[f32], q: &[u8], x: &Q8Rows, out: &mut [f32]) {
             let nb = x.blocks;
+            debug_assert_eq!(sc.len(), nb);
             let ones = _mm256_set1_epi16(1);
+            let (sp, qp) = (sc.as_ptr(), q.as_ptr());
+            let (xd, xq) = (x.d.as_ptr(), x.q.as_ptr());
             let mut b0 = 0;
             while b0 < out.len() {
                 let t = (out.len() - b0).min(TILE);
                 let mut acc = [_mm256_setzero_ps(); TILE];
                 for j in 0..nb {
-                    let w = row.as_ptr().add(j * 34);
-                    let d = f16_at(row, j * 34);
-                    let wq = _mm256_loadu_si256(w.add(2) as *const __m256i);
+                    let d = *sp.add(j);
+                    let wq = _mm256_loadu_si256(qp.add(32 * j) as *const __m256i);
                     // maddubs needs an unsigned operand: |w| times x with w's sign moved onto x.
                     let wabs = _mm256_sign_epi8(wq, wq);
                     for k in 0..t {
                         let xi = (b0 + k) * nb + j;
-                        let xq = _mm256_loadu_si256(x.q.as_ptr().add(xi * QK) as *const __m256i);
-                        let xs = _mm256_sign_epi8(xq, wq);
+                        let v = _mm256_loadu_si256(xq.add(xi * QK) as *const __m256i);
+                        let xs = _mm256_sign_epi8(v, wq);
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                        let scale = _mm256_set1_ps(d * *x.d.get_unchecked(xi));
+                        let scale = _mm256_set1_ps(d * *xd.add(xi));
                         acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[k]);
                     }
                 }
@@ -320,20 +369,20 @@ mod kernels {
     }
 
     #[cfg(test)]
-    pub fn both_q4_1(row: &[u8], x: &Q8Rows) -> (Vec<f32>, Vec<f32>) {
+    pub fn both(m: &super::QMatrix, x: &Q8Rows) -> (Vec<f32>, Vec<f32>) {
         let mut a = vec![0.0; x.rows];
         let mut s = vec![0.0; x.rows];
-        q4_1_row(row, x, &mut a);
-        scalar_q4_1_row(row, x, &mut s);
-        (a, s)
-    }
-
-    #[cfg(test)]
-    pub fn both_q8_0(row: &[u8], x: &Q8Rows) -> (Vec<f32>, Vec<f32>) {
-        let mut a = vec![0.0; x.rows];
-        let mut s = vec![0.0; x.rows];
-        q8_0_row(row, x, &mut a);
-        scalar_q8_0_row(row, x, &mut s);
+        match m.format {
+            super::Format::Q4_1 => {
+                q4_1_row(&m.scales, &m.quants, x, &mut a);
+                scalar_q4_1_row(&m.scales, &m.quants, x, &mut s);
+            }
+            super::Format::Q8_0 => {
+                q8_0_row(&m.scales, &m.quants, x, &mut a);
+                scalar_q8_0_row(&m.scales, &m.quants, x, &mut s);
+            }
+            super::Format::F32 => unreachable!(),
+        }
         (a, s)
     }
 }
@@ -403,7 +452,7 @@ mod tests {
         let q8 = random_q8_0(&mut rng, 1, 256);
         let x: Vec<f32> = (0..7 * 256).map(|_| rng.random_range(-3.0..3.0)).collect();
         let xq = Q8Rows::quantize(&x, 7, 256);
-        for (a, s) in [kernels::both_q4_1(&q4.data, &xq), kernels::both_q8_0(&q8.data, &xq)] {
+        for (a, s) in [kernels::both(&q4, &xq), kernels::both(&q8, &xq)] {
             for (a, s) in a.iter().zip(&s) {
                 assert!((a - s).abs() <= 1e-4 * s.abs().max(1.0), "{a} vs {s}");
             }
