@@ -68,7 +68,7 @@ fn run_batch(model: &Llama, batch: &[Vec<u32>]) -> usize {
             next[i] = Some(argmax(&logits[k]));
         }
     }
-    generated + batch.len() - batch.len()
+    generated
 }
 
 fn peak_rss_mib() -> f64 {
@@ -80,6 +80,33 @@ fn peak_rss_mib() -> f64 {
         .and_then(|v| v.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// Runs scripts/bench-llama-cpp.py on the same prompts; None when its venv is missing.
+fn llama_cpp(prompts: &[Vec<u32>], threads: usize) -> Option<serde_json::Value> {
+    use std::io::Write;
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    let python = std::env::var("LLAMA_SERVER_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| cache.join("distill/llama-venv/bin/python"));
+    if !python.exists() {
+        eprintln!("llama.cpp side skipped: {} missing (scripts/setup-llama-server.sh)", python.display());
+        return None;
+    }
+    let mut child = std::process::Command::new(python)
+        .arg(repo_root().join("scripts/bench-llama-cpp.py"))
+        .arg(smollm2_gguf())
+        .arg(threads.to_string())
+        .arg(MAX_NEW.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(serde_json::to_string(prompts).unwrap().as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    serde_json::from_slice(out.stdout.trim_ascii()).ok()
 }
 
 fn main() {
@@ -100,4 +127,17 @@ fn main() {
     let conc = toks as f64 / start.elapsed().as_secs_f64();
     println!("native 8 concurrent: {toks} tokens, {conc:.1} tok/s aggregate");
     println!("native peak RSS: {:.0} MiB", peak_rss_mib());
+    if let Some(l) = llama_cpp(&four, threads) {
+        let base = l["tok_per_s"].as_f64().unwrap();
+        println!(
+            "llama.cpp sequential: {} tokens, {base:.1} tok/s, peak RSS {:.0} MiB",
+            l["tokens"],
+            l["peak_rss_mib"].as_f64().unwrap()
+        );
+        println!(
+            "ratios: sequential {:.2}x llama.cpp (target >= 1.0), 8 concurrent {:.2}x llama.cpp sequential (target >= 2.0)",
+            seq / base,
+            conc / base
+        );
+    }
 }
