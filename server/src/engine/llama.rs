@@ -239,14 +239,21 @@ impl Llama {
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.cache).collect();
             let group = cfg.heads / cfg.kv_heads;
             let scale = 1.0 / (hd as f32).sqrt();
-            att.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, out)| {
+            let head = |scores: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
                 let (ri, h) = (i / cfg.heads, i % cfg.heads);
                 let (c, pos) = rows[ri];
                 let cache = caches[c];
                 let qh = &q[ri * d + h * hd..ri * d + (h + 1) * hd];
                 // Causal: positions 0..=pos.
                 attend(qh, &cache.k[li], &cache.v[li], pos + 1, h / group, kvd, scale, scores, out);
-            });
+            };
+            // A single decode row's heads are too little work to spread over threads.
+            if t == 1 {
+                let mut scores = Vec::new();
+                att.chunks_mut(hd).enumerate().for_each(|item| head(&mut scores, item));
+            } else {
+                att.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, head);
+            }
             let aq = Q8Rows::quantize(&att, t, d);
             layer.wo.matmul(&aq, &att, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);

@@ -168,7 +168,8 @@ impl QMatrix {
         let rows = self.rows;
         let b = x.rows;
         let out_ptr = SendPtr(out.as_mut_ptr());
-        // Chunks of weight rows large enough to amortise scheduling, small enough to balance.
+        // Chunks of weight rows large enough to amortise scheduling, small enough that a
+        // thread held up elsewhere does not leave the other waiting.
         let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(16, 512);
         (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let lo = c * chunk;
