@@ -29,7 +29,8 @@ pub struct Cli {
     pub bind: Option<SocketAddr>,
 
     /// A teacher, as NAME=SPEC; repeatable. SPEC is `openai:BASE_URL#MODEL`
-    /// (an OpenAI-compatible server: vLLM, SGLang, llama.cpp, Ollama, OpenAI, ...).
+    /// (an OpenAI-compatible server: vLLM, SGLang, llama.cpp, Ollama, OpenAI, ...) or
+    /// `local:PATH` (a GGUF file run in-process).
     /// The API key, if any, is read from the env var TEACHER_<NAME>_API_KEY.
     #[arg(long = "teacher", value_name = "NAME=SPEC")]
     pub teachers: Vec<String>,
@@ -123,6 +124,8 @@ pub struct FileTeacherTable {
 pub enum TeacherSpec {
     /// An OpenAI-compatible HTTP server.
     OpenAi { base_url: String, model: String },
+    /// A GGUF file run in-process.
+    Local { path: PathBuf },
 }
 
 impl std::fmt::Debug for TeacherSpec {
@@ -155,7 +158,13 @@ impl TeacherSpec {
                     model: model.to_string(),
                 })
             }
-            other => bail!("teacher spec `{spec}`: unknown kind `{other}`; supported: openai"),
+            "local" => {
+                if rest.is_empty() {
+                    bail!("teacher spec `{spec}` has no path; expected `local:PATH` to a GGUF file");
+                }
+                Ok(TeacherSpec::Local { path: PathBuf::from(rest) })
+            }
+            other => bail!("teacher spec `{spec}`: unknown kind `{other}`; supported: openai, local"),
         }
     }
 
@@ -163,6 +172,7 @@ impl TeacherSpec {
     pub fn identity(&self) -> String {
         match self {
             TeacherSpec::OpenAi { base_url, model } => format!("openai:{base_url}#{model}"),
+            TeacherSpec::Local { path } => format!("local:{}", path.display()),
         }
     }
 }

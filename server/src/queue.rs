@@ -78,6 +78,16 @@ pub async fn input(db: &Db, item: &Claimed) -> anyhow::Result<ItemInput> {
     .await?)
 }
 
+/// Token ids as stored: little-endian u32s.
+pub fn ids_blob(ids: &[u32]) -> Vec<u8> {
+    ids.iter().flat_map(|i| i.to_le_bytes()).collect()
+}
+
+/// The inverse of [`ids_blob`].
+pub fn blob_ids(blob: &[u8]) -> Vec<u32> {
+    blob.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 /// A fresh teacher answer to record.
 #[derive(Debug, Clone)]
 pub struct NewCompletion {
@@ -123,10 +133,11 @@ pub async fn complete_batch(
             Outcome::CacheHit { .. } => None,
         })
         .collect();
-    for chunk in fresh.chunks(200) {
+    for chunk in fresh.chunks(150) {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO completions (cache_key, teacher_identity, endpoint, request, text, finish_reason,
-                 prompt_tokens, completion_tokens, latency_ms, model, system_fingerprint, http_attempts, created_at) ",
+                 prompt_tokens, completion_tokens, latency_ms, model, system_fingerprint, http_attempts, created_at,
+                 prompt_token_ids, completion_token_ids) ",
         );
         qb.push_values(chunk, |mut b, (item, c)| {
             let o = &c.output;
@@ -142,7 +153,9 @@ pub async fn complete_batch(
                 .push_bind(&o.model)
                 .push_bind(&o.system_fingerprint)
                 .push_bind(o.http_attempts as i64)
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(o.prompt_token_ids.as_deref().map(ids_blob))
+                .push_bind(o.completion_token_ids.as_deref().map(ids_blob));
         });
         qb.push(" ON CONFLICT (cache_key) DO UPDATE SET cache_key = excluded.cache_key RETURNING id, cache_key");
         let rows: Vec<(i64, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;

@@ -19,6 +19,9 @@ pub async fn create_job(s: &AppState, req: JobRequest) -> ApiResult<i64> {
             format!("no teacher named `{}`; configured: {known:?} (start the server with --teacher NAME=SPEC)", req.teacher),
         )
     })?;
+    if let Some(why) = teacher.load_error() {
+        return Err(ApiError::invalid("teacher", why));
+    }
     let set = store::prompt_sets::get(&s.db, req.prompt_set).await.map_err(|e| match e {
         ApiError::NotFound { .. } => ApiError::invalid("prompt_set", format!("prompt set {} does not exist", req.prompt_set)),
         other => other,

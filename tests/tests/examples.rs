@@ -62,7 +62,7 @@ fn docker_compose_services_ports_and_flags_agree() {
     cli.api_token = Some("from-compose-env".into());
     let settings = Settings::from_cli(cli).unwrap();
     assert_eq!(settings.teachers.len(), 1);
-    let TeacherSpec::OpenAi { base_url, model } = &settings.teachers[0].spec;
+    let TeacherSpec::OpenAi { base_url, model } = &settings.teachers[0].spec else { panic!("not openai") };
     let url = reqwest::Url::parse(base_url).unwrap();
     assert_eq!(url.host_str(), Some("teacher"), "the server must reach the teacher by its service name");
     assert_eq!(url.port(), Some(t_port));

@@ -5,3 +5,4 @@
 pub mod attention;
 pub mod llama;
 pub mod quant;
+pub mod scheduler;

@@ -35,6 +35,8 @@ pub struct GenerationRow {
     pub model: Option<String>,
     pub system_fingerprint: Option<String>,
     pub http_attempts: Option<i64>,
+    pub prompt_token_ids: Option<Vec<u8>>,
+    pub completion_token_ids: Option<Vec<u8>>,
 }
 
 impl GenerationRow {
@@ -94,6 +96,10 @@ pub struct GenerationView {
     pub system_fingerprint: Option<String>,
     /// Requests sent for the answer, including retries.
     pub http_attempts: Option<i64>,
+    /// Exact prompt token ids the teacher used (local teachers).
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// Exact answer token ids, including a final end-of-turn token (local teachers).
+    pub completion_token_ids: Option<Vec<u32>>,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
 }
@@ -122,6 +128,8 @@ impl From<GenerationRow> for GenerationView {
             model: r.model,
             system_fingerprint: r.system_fingerprint,
             http_attempts: r.http_attempts,
+            prompt_token_ids: r.prompt_token_ids.as_deref().map(crate::queue::blob_ids),
+            completion_token_ids: r.completion_token_ids.as_deref().map(crate::queue::blob_ids),
             started_at: r.started_at,
             finished_at: r.finished_at,
         }
@@ -131,7 +139,7 @@ impl From<GenerationRow> for GenerationView {
 const SELECT: &str = "SELECT g.id, g.job_id, g.prompt_id, g.status, g.attempts, g.cache_hit, g.last_error,
         g.started_at, g.finished_at, p.external_id, p.prompt, p.messages, p.system, p.metadata,
         c.endpoint, c.request, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.latency_ms,
-        c.model, c.system_fingerprint, c.http_attempts
+        c.model, c.system_fingerprint, c.http_attempts, c.prompt_token_ids, c.completion_token_ids
    FROM generations g
    JOIN prompts p ON p.id = g.prompt_id
    LEFT JOIN completions c ON c.id = g.completion_id";

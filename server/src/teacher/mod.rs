@@ -1,6 +1,7 @@
 //! The teacher abstraction: a small trait, so the queue and HTTP layer never know which backend
 //! answers. Backends: `openai` (any OpenAI-compatible server); a local in-process one comes next.
 
+pub mod local;
 pub mod openai;
 pub mod retry;
 
@@ -35,6 +36,10 @@ pub struct GenerateOutput {
     pub latency: Duration,
     /// Requests sent, including retries.
     pub http_attempts: u32,
+    /// Exact prompt token ids, when the teacher tokenized it itself (local teachers).
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// Exact answer token ids (including a final end-of-turn token), when known.
+    pub completion_token_ids: Option<Vec<u32>>,
 }
 
 /// Why a generation did not come back.
@@ -61,11 +66,16 @@ pub trait Teacher: Send + Sync {
     async fn generate(&self, req: &GenerateRequest) -> Result<GenerateOutput, TeacherError>;
     /// Whether the teacher answers at all.
     async fn health(&self) -> Result<(), String>;
+    /// Why the teacher cannot work at all (e.g. its model failed to load); jobs are refused.
+    fn load_error(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Builds the backend a configured teacher names.
 pub fn build(settings: &TeacherSettings) -> anyhow::Result<Arc<dyn Teacher>> {
     match &settings.spec {
         TeacherSpec::OpenAi { .. } => Ok(Arc::new(openai::OpenAiTeacher::new(settings)?)),
+        TeacherSpec::Local { path } => Ok(Arc::new(local::LocalTeacher::load(settings, path))),
     }
 }

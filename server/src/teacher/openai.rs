@@ -39,7 +39,9 @@ pub struct OpenAiTeacher {
 
 impl OpenAiTeacher {
     pub fn new(s: &TeacherSettings) -> anyhow::Result<Self> {
-        let TeacherSpec::OpenAi { base_url, model } = &s.spec;
+        let TeacherSpec::OpenAi { base_url, model } = &s.spec else {
+            anyhow::bail!("not an OpenAI-compatible teacher spec");
+        };
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(s.max_in_flight.max(1))
             .connect_timeout(Duration::from_secs(10).min(s.request_timeout))
@@ -217,6 +219,8 @@ fn parse_response(bytes: &[u8], chat: bool) -> Result<GenerateOutput, String> {
         system_fingerprint: r.system_fingerprint,
         latency: Duration::ZERO,
         http_attempts: 0,
+        prompt_token_ids: None,
+        completion_token_ids: None,
     })
 }
 

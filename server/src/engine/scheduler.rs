@@ -1,0 +1,165 @@
+//! Continuous batching on one engine thread: requests join the running batch as soon as they
+//! arrive (their prompt is processed in the same forward call as the others' next tokens),
+//! and leave it when they stop. Every step is one batched forward over all active sequences.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::llama::{argmax, Chunk, KvCache, Llama};
+
+/// One greedy generation.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    /// Token ids that end the answer (EOS, end of turn); the stop token is kept in the output.
+    pub stop_ids: Vec<u32>,
+    /// Called with the ids so far; returns true when a stop string has appeared.
+    pub stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>,
+    pub reply: oneshot::Sender<Result<Generated, String>>,
+}
+
+/// What the engine produced.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub ids: Vec<u32>,
+    /// `stop` (a stop id or stop string) or `length`.
+    pub finish: &'static str,
+    pub elapsed: Duration,
+}
+
+struct Active {
+    job: Job,
+    cache: KvCache,
+    out: Vec<u32>,
+    /// The next input token, or None while the prompt is still to be processed.
+    next: Option<u32>,
+    started: Instant,
+}
+
+/// Handle to the engine thread.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Scheduler {
+    /// Starts the engine thread; at most `max_batch` sequences decode together.
+    pub fn start(model: Llama, max_batch: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || run(model, rx, max_batch.max(1)))
+            .expect("engine thread starts");
+        Scheduler { tx }
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), String> {
+        self.tx.send(job).map_err(|_| "the engine thread has stopped".to_string())
+    }
+}
+
+fn run(mut model: Llama, rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let mut active: Vec<Active> = Vec::new();
+    let mut waiting: std::collections::VecDeque<Job> = Default::default();
+    loop {
+        // Block only when idle; otherwise take whatever has arrived.
+        if active.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(j) => waiting.push_back(j),
+                Err(_) => return,
+            }
+        }
+        while let Ok(j) = rx.try_recv() {
+            waiting.push_back(j);
+        }
+        while active.len() < max_batch {
+            let Some(job) = waiting.pop_front() else { break };
+            let need = job.prompt.len() + job.max_new_tokens;
+            if job.prompt.is_empty() {
+                let _ = job.reply.send(Err("empty prompt".into()));
+                continue;
+            }
+            if need > model.cfg.context {
+                let _ = job.reply.send(Err(format!(
+                    "prompt of {} tokens plus max_new_tokens {} exceeds the model's context of {}",
+                    job.prompt.len(),
+                    job.max_new_tokens,
+                    model.cfg.context
+                )));
+                continue;
+            }
+            if need > model.max_positions() {
+                model.reserve_positions(need.next_power_of_two());
+            }
+            active.push(Active { cache: KvCache::new(&model.cfg), out: Vec::new(), next: None, started: Instant::now(), job });
+        }
+        let step = catch_unwind(AssertUnwindSafe(|| step(&model, &mut active)));
+        match step {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fail_all(&mut active, &format!("engine error: {e:#}")),
+            Err(panic) => {
+                let msg = panic.downcast_ref::<&str>().map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(%msg, "engine panicked; failing its in-flight requests");
+                fail_all(&mut active, &format!("engine panicked: {msg}"));
+            }
+        }
+        // Retire finished sequences.
+        let mut i = 0;
+        while i < active.len() {
+            if let Some(finish) = finished(&active[i]) {
+                let a = active.swap_remove(i);
+                let _ = a.job.reply.send(Ok(Generated { ids: a.out, finish, elapsed: a.started.elapsed() }));
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+fn fail_all(active: &mut Vec<Active>, msg: &str) {
+    for a in active.drain(..) {
+        let _ = a.job.reply.send(Err(msg.to_string()));
+    }
+}
+
+fn finished(a: &Active) -> Option<&'static str> {
+    let last = *a.out.last()?;
+    if a.job.stop_ids.contains(&last) {
+        return Some("stop");
+    }
+    if a.job.stop_check.as_ref().is_some_and(|f| f(&a.out)) {
+        return Some("stop");
+    }
+    (a.out.len() >= a.job.max_new_tokens).then_some("length")
+}
+
+/// One forward over every active sequence: new ones feed their prompt, the others one token.
+fn step(model: &Llama, active: &mut [Active]) -> anyhow::Result<()> {
+    if active.is_empty() {
+        return Ok(());
+    }
+    let inputs: Vec<Vec<u32>> = active
+        .iter()
+        .map(|a| match a.next {
+            None => a.job.prompt.clone(),
+            Some(t) => vec![t],
+        })
+        .collect();
+    let mut chunks: Vec<Chunk> = active
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(a, toks)| Chunk { cache: &mut a.cache, tokens: toks, all_logits: false })
+        .collect();
+    let logits = model.forward(&mut chunks)?;
+    for (a, l) in active.iter_mut().zip(logits) {
+        let t = argmax(&l);
+        a.out.push(t);
+        a.next = Some(t);
+    }
+    Ok(())
+}
