@@ -262,3 +262,13 @@ pub fn smollm2_gguf() -> PathBuf {
     assert!(p.exists(), "{} missing: run scripts/fetch-model.sh (scripts/test.sh does)", p.display());
     p
 }
+
+/// llama.cpp's greedy answers on the SmolLM2 GGUF (tests/fixtures/smollm2/greedy.jsonl, made by
+/// scripts/make-reference-fixtures.py), one JSON object per prompt.
+pub fn smollm2_greedy_fixtures() -> Vec<serde_json::Value> {
+    std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2/greedy.jsonl"))
+        .expect("tests/fixtures/smollm2/greedy.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("fixture line is JSON"))
+        .collect()
+}

@@ -3,18 +3,14 @@
 
 use std::time::Duration;
 
-use distill_tests::harness::{repo_root, smollm2_gguf, TestApp};
+use distill_tests::harness::{smollm2_greedy_fixtures, smollm2_gguf, TestApp};
 use serde_json::{json, Value};
 use server::config::{Settings, TeacherSpec};
 use server::model::chat_template::ChatTemplate;
 use server::model::gguf::GgufMetadata;
 
 fn fixtures() -> Vec<Value> {
-    std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2/greedy.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    smollm2_greedy_fixtures()
 }
 
 fn local(name: &str, path: &std::path::Path) -> server::config::TeacherSettings {

@@ -1,16 +1,12 @@
 //! The native engine on the real SmolLM2 GGUF against llama.cpp's own greedy answers
 //! (tests/fixtures/smollm2/greedy.jsonl, made by scripts/make-reference-fixtures.py).
 
-use distill_tests::harness::{repo_root, smollm2_gguf};
+use distill_tests::harness::{smollm2_greedy_fixtures, smollm2_gguf};
 use serde_json::Value;
 use server::engine::llama::{argmax, Chunk, KvCache, Llama};
 
 fn fixtures() -> Vec<Value> {
-    std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2/greedy.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    smollm2_greedy_fixtures()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
