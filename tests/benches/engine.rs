@@ -117,7 +117,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let threads = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let reps = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
+    // As the server's engine thread does: run inside the pool, so products split among workers.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| bench(threads, reps));
+}
+
+fn bench(threads: usize, reps: usize) {
     let model = Llama::load(&smollm2_gguf()).unwrap();
     let four = prompts(4);
     let eight = prompts(8);

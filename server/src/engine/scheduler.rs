@@ -49,9 +49,18 @@ impl Scheduler {
     /// Starts the engine thread; at most `max_batch` sequences decode together.
     pub fn start(model: Llama, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(model, rx, max_batch.max(1)))
+            .spawn(move || {
+                // The loop runs on a worker of the engine's own pool, so every parallel product
+                // is split among workers directly instead of being handed over and waited for
+                // (which cost a context switch per product).
+                match rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("engine-{i}")).build() {
+                    Ok(pool) => pool.install(|| run(model, rx, max_batch.max(1))),
+                    Err(_) => run(model, rx, max_batch.max(1)),
+                }
+            })
             .expect("engine thread starts");
         Scheduler { tx }
     }
