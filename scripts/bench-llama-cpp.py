@@ -5,7 +5,6 @@ line {"tokens", "seconds", "tok_per_s", "peak_rss_mib"}.
 Usage: python scripts/bench-llama-cpp.py MODEL.gguf THREADS MAX_NEW < prompts.json
 (prompts.json: a JSON list of token-id lists; the bench writes it)."""
 import json
-import resource
 import sys
 import time
 
@@ -29,5 +28,10 @@ for ids in prompts:
             break
         llm.eval([nxt])
 elapsed = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent (the benchmark).
+rss = 0.0
+with open("/proc/self/status") as status:
+    for line in status:
+        if line.startswith("VmHWM:"):
+            rss = int(line.split()[1]) / 1024
 print(json.dumps({"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed, "peak_rss_mib": rss}))
