@@ -35,6 +35,10 @@ pub struct Cli {
     #[arg(long = "teacher", value_name = "NAME=SPEC")]
     pub teachers: Vec<String>,
 
+    /// Chat template for a local teacher, as NAME=FILE (Jinja); default: the one in its GGUF.
+    #[arg(long = "chat-template", value_name = "NAME=FILE")]
+    pub chat_templates: Vec<String>,
+
     /// Bearer token required on every /v1 call and /metrics (env DISTILL_API_TOKEN).
     #[arg(long, value_name = "TOKEN", env = "DISTILL_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -117,6 +121,8 @@ pub struct FileTeacherTable {
     pub tokens_per_minute: Option<u32>,
     pub request_timeout_secs: Option<u64>,
     pub max_retries: Option<u32>,
+    /// Jinja chat template file for a local teacher (default: the model's own).
+    pub chat_template: Option<PathBuf>,
 }
 
 /// Where a teacher lives.
@@ -188,6 +194,8 @@ pub struct TeacherSettings {
     pub tokens_per_minute: Option<u32>,
     pub request_timeout: Duration,
     pub max_retries: u32,
+    /// Chat template file overriding the model's own (local teachers).
+    pub chat_template: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for TeacherSettings {
@@ -201,6 +209,7 @@ impl std::fmt::Debug for TeacherSettings {
             .field("tokens_per_minute", &self.tokens_per_minute)
             .field("request_timeout", &self.request_timeout)
             .field("max_retries", &self.max_retries)
+            .field("chat_template", &self.chat_template)
             .finish()
     }
 }
@@ -274,6 +283,7 @@ impl Settings {
             tokens_per_minute: None,
             request_timeout: Duration::from_secs(600),
             max_retries: 6,
+            chat_template: None,
         }
     }
 
@@ -322,6 +332,7 @@ impl Settings {
                     if let Some(v) = tab.max_retries {
                         t.max_retries = v;
                     }
+                    t.chat_template = tab.chat_template.clone();
                     t
                 }
             };
@@ -334,6 +345,15 @@ impl Settings {
             let t = base(name, spec)?;
             teachers.retain(|old| old.name != t.name);
             teachers.push(t);
+        }
+        for arg in &cli.chat_templates {
+            let Some((name, file)) = arg.split_once('=') else {
+                bail!("--chat-template `{arg}` must be NAME=FILE, e.g. --chat-template smol=prompts/templates/chatml.j2");
+            };
+            let t = teachers.iter_mut().find(|t| t.name == name).with_context(|| {
+                format!("--chat-template names teacher `{name}`, but no --teacher {name}=... is configured")
+            })?;
+            t.chat_template = Some(PathBuf::from(file));
         }
         for t in &teachers {
             if t.max_in_flight == 0 || t.max_in_flight > 4096 {

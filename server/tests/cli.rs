@@ -14,7 +14,7 @@ fn help_lists_every_flag() {
     let help = String::from_utf8(out.stdout).unwrap();
     for flag in ["--db", "--bind", "--teacher", "--config", "--api-token", "--max-in-flight", "--requests-per-minute",
         "--tokens-per-minute", "--request-timeout-secs", "--max-retries", "--max-attempts", "--lease-secs",
-        "--body-limit-mib", "--drain-timeout-secs", "TEACHER_<NAME>_API_KEY"] {
+        "--body-limit-mib", "--drain-timeout-secs", "--chat-template", "local:PATH", "TEACHER_<NAME>_API_KEY"] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
 }

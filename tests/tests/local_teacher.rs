@@ -95,3 +95,25 @@ async fn missing_or_corrupt_models_leave_the_server_up_with_a_clear_error() {
     assert_eq!(t.get("/health").await.0, 200);
     t.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_file_overrides_the_models_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain.j2");
+    std::fs::write(&file, "Question: {{ messages[-1]['content'] | trim }}\nAnswer:").unwrap();
+    let t = TestApp::start_with(|s| {
+        let mut teacher = local("plain", &smollm2_gguf());
+        teacher.chat_template = Some(file.clone());
+        s.teachers.push(teacher);
+    })
+    .await;
+    let set = t.prompt_set("p", &["  What is 2+2?  ".to_string()]).await;
+    let job = t.job(json!({"prompt_set": set, "teacher": "plain", "max_new_tokens": 4})).await;
+    t.wait_done(job, Duration::from_secs(120)).await;
+    let g = &t.all_generations(job, None).await[0];
+    let tok = server::model::tokenizer::GgufTokenizer::from_metadata(&GgufMetadata::read(&smollm2_gguf()).unwrap()).unwrap();
+    let want = tok.encode("Question: What is 2+2?\nAnswer:", true).unwrap();
+    let got: Vec<u32> = g["prompt_token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(got, want);
+    t.shutdown().await;
+}

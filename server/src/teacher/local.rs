@@ -52,16 +52,48 @@ fn fingerprint(path: &Path) -> anyhow::Result<String> {
     Ok(format!("local:{name}@{}", &hex::encode(h.finalize())[..16]))
 }
 
-fn load(path: &Path, max_batch: usize) -> anyhow::Result<(Loaded, String)> {
+/// Memory the engine needs for a model file: the weights repacked (about 1.2× the file for
+/// Q4_1) plus working buffers.
+fn check_memory(path: &Path) -> anyhow::Result<()> {
+    let size = std::fs::metadata(path)?.len() as f64;
+    let need = size * 1.3 + (64u64 << 20) as f64;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb * 1024.0);
+    if let Some(avail) = available {
+        if need > avail {
+            anyhow::bail!(
+                "the model needs about {:.1} GiB of memory and only {:.1} GiB is available; use a smaller or more quantized model",
+                need / (1u64 << 30) as f64,
+                avail / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+fn load(path: &Path, max_batch: usize, template_file: Option<&Path>) -> anyhow::Result<(Loaded, String)> {
     if !path.exists() {
         anyhow::bail!("model file {} does not exist", path.display());
     }
+    check_memory(path)?;
     let identity = fingerprint(path).with_context(|| format!("cannot read {}", path.display()))?;
     let meta = GgufMetadata::read(path)?;
     let tokenizer = GgufTokenizer::from_metadata(&meta)?;
-    let tmpl = meta
-        .opt_string("tokenizer.chat_template")
-        .context("the GGUF has no tokenizer.chat_template; the chat endpoint needs one")?;
+    let from_file = match template_file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("cannot read chat template {}", f.display()))?),
+        None => None,
+    };
+    let tmpl = match &from_file {
+        Some(t) => t.as_str(),
+        None => meta.opt_string("tokenizer.chat_template").context(
+            "the GGUF has no tokenizer.chat_template; give one with --chat-template NAME=FILE",
+        )?,
+    };
     let token = |id: Option<u32>| id.and_then(|i| tokenizer.tokenizer.id_to_token(i)).unwrap_or_default();
     let template = ChatTemplate::new(tmpl, &token(tokenizer.special.bos), &token(Some(tokenizer.special.eos)))?;
     let model = Llama::load(path)?;
@@ -78,7 +110,8 @@ impl LocalTeacher {
     /// the loader) is kept as the teacher's load error instead of stopping the server.
     pub fn load(settings: &TeacherSettings, path: &PathBuf) -> Self {
         let max_batch = settings.max_in_flight.min(64);
-        let result = std::panic::catch_unwind(|| load(path, max_batch))
+        let template = settings.chat_template.as_deref();
+        let result = std::panic::catch_unwind(|| load(path, max_batch, template))
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the model loader panicked on {}", path.display())));
         match result {
             Ok((loaded, identity)) => {
