@@ -75,3 +75,25 @@ fn batched_and_incremental_decoding_give_the_same_logits() {
     assert!(max_diff < 1e-3, "logits differ by {max_diff}");
 }
 
+
+#[test]
+fn a_panic_inside_the_engine_fails_only_its_request() {
+    use server::engine::scheduler::{Job, Scheduler};
+    let model = Llama::load(&smollm2_gguf()).unwrap();
+    let sched = Scheduler::start(model, 4);
+    let prompt = ids(&fixtures()[0]["prompt_ids"]);
+    let submit = |stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>| {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 8, stop_ids: vec![2], stop_check, reply }).unwrap();
+        rx
+    };
+    let bad = submit(Some(Box::new(|_: &[u32]| -> bool { panic!("boom") })));
+    let good = submit(None);
+    let bad = bad.blocking_recv().unwrap();
+    assert!(bad.unwrap_err().contains("panicked"));
+    let good = good.blocking_recv().unwrap().unwrap();
+    assert_eq!(good.ids.len(), 8);
+    // The engine thread is still serving.
+    let again = submit(None).blocking_recv().unwrap().unwrap();
+    assert_eq!(again.ids, good.ids);
+}

@@ -117,14 +117,19 @@ fn run(mut model: Llama, rx: mpsc::Receiver<Job>, max_batch: usize) {
                 fail_all(&mut active, &format!("engine panicked: {msg}"));
             }
         }
-        // Retire finished sequences.
+        // Retire finished sequences. A stop check that panics fails only its own request.
         let mut i = 0;
         while i < active.len() {
-            if let Some(finish) = finished(&active[i]) {
-                let a = active.swap_remove(i);
-                let _ = a.job.reply.send(Ok(Generated { ids: a.out, finish, elapsed: a.started.elapsed() }));
-            } else {
-                i += 1;
+            match catch_unwind(AssertUnwindSafe(|| finished(&active[i]))) {
+                Ok(Some(finish)) => {
+                    let a = active.swap_remove(i);
+                    let _ = a.job.reply.send(Ok(Generated { ids: a.out, finish, elapsed: a.started.elapsed() }));
+                }
+                Ok(None) => i += 1,
+                Err(_) => {
+                    let a = active.swap_remove(i);
+                    let _ = a.job.reply.send(Err("engine panicked while checking stop conditions".into()));
+                }
             }
         }
     }
