@@ -85,12 +85,7 @@ fn peak_rss_mib() -> f64 {
 /// Runs scripts/bench-llama-cpp.py on the same prompts; None when its venv is missing.
 fn llama_cpp(prompts: &[Vec<u32>], threads: usize) -> Option<serde_json::Value> {
     use std::io::Write;
-    let cache = std::env::var("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
-    let python = std::env::var("LLAMA_SERVER_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| cache.join("distill/llama-venv/bin/python"));
+    let python = distill_tests::harness::llama_python();
     if !python.exists() {
         eprintln!("llama.cpp side skipped: {} missing (scripts/setup-llama-server.sh)", python.display());
         return None;

@@ -272,3 +272,15 @@ pub fn smollm2_greedy_fixtures() -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("fixture line is JSON"))
         .collect()
 }
+
+/// The python of the llama.cpp venv that `scripts/setup-llama-server.sh` makes
+/// (`LLAMA_SERVER_PYTHON` overrides it); it may not exist yet.
+pub fn llama_python() -> PathBuf {
+    if let Ok(p) = std::env::var("LLAMA_SERVER_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    cache.join("distill/llama-venv/bin/python")
+}

@@ -28,12 +28,7 @@ fn repo_root() -> PathBuf {
 
 /// The venv python and the model, or why they are missing.
 fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
-    let cache = std::env::var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
-    let python = std::env::var("LLAMA_SERVER_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| cache.join("distill/llama-venv/bin/python"));
+    let python = distill_tests::harness::llama_python();
     let model = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !python.exists() {
         return Err(format!("{} missing: run scripts/setup-llama-server.sh", python.display()));
