@@ -7,4 +7,5 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dis
 scripts/fetch-model.sh >/dev/null
 LLAMA_SERVER_PYTHON="$(scripts/setup-llama-server.sh | tail -n 1)"
 export LLAMA_SERVER_PYTHON
-cargo test --workspace --locked "$@"
+# mistralrs (the engine for non-Llama GGUF architectures) is an opt-in feature; test it too.
+cargo test --workspace --locked --features distill-tests/mistralrs "$@"

@@ -41,7 +41,7 @@ impl App {
         }
         let mut teachers: BTreeMap<String, Arc<dyn Teacher>> = BTreeMap::new();
         for t in &settings.teachers {
-            teachers.insert(t.name.clone(), teacher::build(t)?);
+            teachers.insert(t.name.clone(), teacher::build(t).await?);
         }
         for t in extra {
             teachers.insert(t.name().to_string(), t);

@@ -30,7 +30,8 @@ pub struct Cli {
 
     /// A teacher, as NAME=SPEC; repeatable. SPEC is `openai:BASE_URL#MODEL`
     /// (an OpenAI-compatible server: vLLM, SGLang, llama.cpp, Ollama, OpenAI, ...) or
-    /// `local:PATH` (a GGUF file run in-process).
+    /// `local:PATH` (a GGUF file or an HF folder with config.json, *.safetensors and
+    /// tokenizer.json, run in-process).
     /// The API key, if any, is read from the env var TEACHER_<NAME>_API_KEY.
     #[arg(long = "teacher", value_name = "NAME=SPEC")]
     pub teachers: Vec<String>,
@@ -38,6 +39,11 @@ pub struct Cli {
     /// Chat template for a local teacher, as NAME=FILE (Jinja); default: the one in its GGUF.
     #[arg(long = "chat-template", value_name = "NAME=FILE")]
     pub chat_templates: Vec<String>,
+
+    /// Engine for a local teacher, as NAME=ENGINE: `auto` (default: the native engine for
+    /// Llama-family models, mistralrs for other GGUF architectures), `native` or `mistralrs`.
+    #[arg(long = "local-engine", value_name = "NAME=ENGINE")]
+    pub local_engines: Vec<String>,
 
     /// Bearer token required on every /v1 call and /metrics (env DISTILL_API_TOKEN).
     #[arg(long, value_name = "TOKEN", env = "DISTILL_API_TOKEN", hide_env_values = true)]
@@ -123,6 +129,30 @@ pub struct FileTeacherTable {
     pub max_retries: Option<u32>,
     /// Jinja chat template file for a local teacher (default: the model's own).
     pub chat_template: Option<PathBuf>,
+    /// Engine for a local teacher: auto, native or mistralrs.
+    pub engine: Option<String>,
+}
+
+/// Which engine runs a local teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalEngine {
+    /// The native engine for Llama-family models, mistralrs for other GGUF architectures.
+    #[default]
+    Auto,
+    Native,
+    Mistralrs,
+}
+
+impl std::str::FromStr for LocalEngine {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "auto" => Ok(LocalEngine::Auto),
+            "native" => Ok(LocalEngine::Native),
+            "mistralrs" => Ok(LocalEngine::Mistralrs),
+            other => bail!("local engine `{other}` is unknown; use auto, native or mistralrs"),
+        }
+    }
 }
 
 /// Where a teacher lives.
@@ -130,7 +160,7 @@ pub struct FileTeacherTable {
 pub enum TeacherSpec {
     /// An OpenAI-compatible HTTP server.
     OpenAi { base_url: String, model: String },
-    /// A GGUF file run in-process.
+    /// A GGUF file or HF folder run in-process.
     Local { path: PathBuf },
 }
 
@@ -166,7 +196,7 @@ impl TeacherSpec {
             }
             "local" => {
                 if rest.is_empty() {
-                    bail!("teacher spec `{spec}` has no path; expected `local:PATH` to a GGUF file");
+                    bail!("teacher spec `{spec}` has no path; expected `local:PATH` to a GGUF file or an HF model folder");
                 }
                 Ok(TeacherSpec::Local { path: PathBuf::from(rest) })
             }
@@ -196,6 +226,8 @@ pub struct TeacherSettings {
     pub max_retries: u32,
     /// Chat template file overriding the model's own (local teachers).
     pub chat_template: Option<PathBuf>,
+    /// Engine of a local teacher.
+    pub local_engine: LocalEngine,
 }
 
 impl std::fmt::Debug for TeacherSettings {
@@ -210,6 +242,7 @@ impl std::fmt::Debug for TeacherSettings {
             .field("request_timeout", &self.request_timeout)
             .field("max_retries", &self.max_retries)
             .field("chat_template", &self.chat_template)
+            .field("local_engine", &self.local_engine)
             .finish()
     }
 }
@@ -284,6 +317,7 @@ impl Settings {
             request_timeout: Duration::from_secs(600),
             max_retries: 6,
             chat_template: None,
+            local_engine: LocalEngine::Auto,
         }
     }
 
@@ -333,6 +367,9 @@ impl Settings {
                         t.max_retries = v;
                     }
                     t.chat_template = tab.chat_template.clone();
+                    if let Some(e) = &tab.engine {
+                        t.local_engine = e.parse().with_context(|| format!("teacher `{name}`: engine"))?;
+                    }
                     t
                 }
             };
@@ -354,6 +391,15 @@ impl Settings {
                 format!("--chat-template names teacher `{name}`, but no --teacher {name}=... is configured")
             })?;
             t.chat_template = Some(PathBuf::from(file));
+        }
+        for arg in &cli.local_engines {
+            let Some((name, engine)) = arg.split_once('=') else {
+                bail!("--local-engine `{arg}` must be NAME=ENGINE, e.g. --local-engine smol=mistralrs");
+            };
+            let t = teachers.iter_mut().find(|t| t.name == name).with_context(|| {
+                format!("--local-engine names teacher `{name}`, but no --teacher {name}=... is configured")
+            })?;
+            t.local_engine = engine.parse().with_context(|| format!("--local-engine `{arg}`"))?;
         }
         for t in &teachers {
             if t.max_in_flight == 0 || t.max_in_flight > 4096 {

@@ -284,3 +284,16 @@ pub fn llama_python() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
     cache.join("distill/llama-venv/bin/python")
 }
+
+/// A GGUF with SmolLM2's tokenizer metadata, the given architecture and no tensors (for
+/// load-failure tests).
+pub fn header_only_gguf(path: &Path, arch: &str) {
+    use candle_core::quantized::gguf_file::{Content, Value};
+    let mut f = std::fs::File::open(smollm2_gguf()).unwrap();
+    let content = Content::read(&mut f).unwrap();
+    let arch_value = Value::String(arch.to_string());
+    let mut md: Vec<(&str, &Value)> = vec![("general.architecture", &arch_value)];
+    md.extend(content.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.as_str(), v)));
+    let mut out = std::fs::File::create(path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut out, &md, &[]).unwrap();
+}

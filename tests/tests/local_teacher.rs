@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use distill_tests::harness::{smollm2_greedy_fixtures, smollm2_gguf, TestApp};
+use distill_tests::harness::{header_only_gguf, smollm2_greedy_fixtures, smollm2_gguf, TestApp};
 use serde_json::{json, Value};
 use server::config::{Settings, TeacherSpec};
 use server::model::chat_template::ChatTemplate;
@@ -76,9 +76,12 @@ async fn missing_or_corrupt_models_leave_the_server_up_with_a_clear_error() {
     let corrupt = dir.path().join("corrupt.gguf");
     std::fs::write(&corrupt, b"GGUF this is not a model").unwrap();
     let missing = dir.path().join("missing.gguf");
+    let gemma = dir.path().join("gemma3.gguf");
+    header_only_gguf(&gemma, "gemma3");
     let t = TestApp::start_with(|s| {
         s.teachers.push(local("gone", &missing));
         s.teachers.push(local("bad", &corrupt));
+        s.teachers.push(local("gemma", &gemma));
     })
     .await;
     let (st, teachers) = t.get("/v1/teachers").await;
@@ -86,8 +89,11 @@ async fn missing_or_corrupt_models_leave_the_server_up_with_a_clear_error() {
     for tch in teachers.as_array().unwrap() {
         assert!(tch["error"].as_str().unwrap().contains("could not load"), "{tch}");
     }
+    // Gemma 3: neither engine runs it (mistralrs would panic on it); the message says so.
+    let gemma_error = teachers.as_array().unwrap().iter().find(|x| x["name"] == "gemma").unwrap()["error"].to_string();
+    assert!(gemma_error.contains("architecture `gemma3`"), "{gemma_error}");
     let set = t.prompt_set("x", &["hi".to_string()]).await;
-    for name in ["gone", "bad"] {
+    for name in ["gone", "bad", "gemma"] {
         let (st, e) = t.post_json("/v1/jobs", json!({"prompt_set": set, "teacher": name})).await;
         assert_eq!(st, 400, "{e}");
         assert_eq!(e["error"]["field"], "teacher");
@@ -111,7 +117,7 @@ async fn a_chat_template_file_overrides_the_models_own() {
     let job = t.job(json!({"prompt_set": set, "teacher": "plain", "max_new_tokens": 4})).await;
     t.wait_done(job, Duration::from_secs(120)).await;
     let g = &t.all_generations(job, None).await[0];
-    let tok = server::model::tokenizer::GgufTokenizer::from_metadata(&GgufMetadata::read(&smollm2_gguf()).unwrap()).unwrap();
+    let tok = server::model::tokenizer::ModelTokenizer::from_metadata(&GgufMetadata::read(&smollm2_gguf()).unwrap()).unwrap();
     let want = tok.encode("Question: What is 2+2?\nAnswer:", true).unwrap();
     let got: Vec<u32> = g["prompt_token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     assert_eq!(got, want);

@@ -4,10 +4,10 @@
 use distill_tests::harness::{repo_root, smollm2_gguf};
 use serde_json::Value;
 use server::model::gguf::GgufMetadata;
-use server::model::tokenizer::GgufTokenizer;
+use server::model::tokenizer::ModelTokenizer;
 
-fn tokenizer() -> GgufTokenizer {
-    GgufTokenizer::from_metadata(&GgufMetadata::read(&smollm2_gguf()).unwrap()).unwrap()
+fn tokenizer() -> ModelTokenizer {
+    ModelTokenizer::from_metadata(&GgufMetadata::read(&smollm2_gguf()).unwrap()).unwrap()
 }
 
 fn cases() -> Vec<Value> {

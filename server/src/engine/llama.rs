@@ -125,9 +125,58 @@ impl Llama {
         if cfg.head_dim * cfg.heads != cfg.hidden || cfg.heads % cfg.kv_heads != 0 {
             bail!("unsupported head layout: {cfg:?}");
         }
-        let mut read = |name: &str| -> anyhow::Result<QMatrix> { read_matrix(&content, &mut f, name) };
+        let has_output = content.tensor_infos.contains_key("output.weight");
+        Self::assemble(cfg, has_output, &mut |name| read_matrix(&content, &mut f, name))
+    }
+
+    /// Loads an HF folder (Llama-family `config.json` + safetensors). Matrices are quantized to
+    /// Q8_0 at load (8.5 bits per weight, so f32/bf16 checkpoints decode at the speed of the
+    /// engine's integer kernels); norms stay f32; Q/K rows are put in GGUF's rotary order.
+    pub fn load_hf(folder: &crate::model::hf::HfFolder) -> anyhow::Result<Self> {
+        use crate::model::hf::{hf_tensor_name, qk_hf_to_gguf};
+        let c = &folder.config;
+        let cfg = LlamaConfig {
+            hidden: c.hidden_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            kv_heads: c.kv_heads(),
+            head_dim: c.head_dim(),
+            ffn: c.intermediate_size,
+            vocab: 0,
+            rope_base: c.rope_theta,
+            eps: c.rms_norm_eps,
+            context: c.max_position_embeddings,
+        };
+        let tensors = folder.tensors()?;
+        let has_output = !c.tie_word_embeddings && tensors.has("lm_head.weight");
+        let (heads, kv_heads) = (cfg.heads, cfg.kv_heads);
+        Self::assemble(cfg, has_output, &mut |gguf_name| {
+            let name = hf_tensor_name(gguf_name).with_context(|| format!("no HF name for `{gguf_name}`"))?;
+            let (mut w, shape) = tensors.f32(&name)?;
+            match shape.as_slice() {
+                [n] => QMatrix::new(1, *n, Format::F32, w.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                [rows, cols] => {
+                    if gguf_name.ends_with("attn_q.weight") {
+                        w = qk_hf_to_gguf(&w, *cols, heads);
+                    } else if gguf_name.ends_with("attn_k.weight") {
+                        w = qk_hf_to_gguf(&w, *cols, kv_heads);
+                    }
+                    QMatrix::quantize_q8_0(*rows, *cols, &w)
+                }
+                other => bail!("tensor `{name}` has shape {other:?}; expected 1 or 2 dimensions"),
+            }
+            .with_context(|| format!("tensor `{name}`"))
+        })
+    }
+
+    /// Builds the model from tensors named as in GGUF.
+    fn assemble(
+        cfg: LlamaConfig,
+        has_output: bool,
+        read: &mut dyn FnMut(&str) -> anyhow::Result<QMatrix>,
+    ) -> anyhow::Result<Self> {
         let embed = read("token_embd.weight")?;
-        let output = if content.tensor_infos.contains_key("output.weight") { Some(read("output.weight")?) } else { None };
+        let output = if has_output { Some(read("output.weight")?) } else { None };
         let norm = read("output_norm.weight")?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
@@ -143,6 +192,23 @@ impl Llama {
                 up: read(&n("ffn_up"))?,
                 down: read(&n("ffn_down"))?,
             });
+        }
+        let kv = cfg.kv_dim();
+        for (l, layer) in layers.iter().enumerate() {
+            let shapes = [
+                ("attn_q", &layer.wq, cfg.hidden, cfg.hidden),
+                ("attn_k", &layer.wk, kv, cfg.hidden),
+                ("attn_v", &layer.wv, kv, cfg.hidden),
+                ("attn_output", &layer.wo, cfg.hidden, cfg.hidden),
+                ("ffn_gate", &layer.gate, cfg.ffn, cfg.hidden),
+                ("ffn_up", &layer.up, cfg.ffn, cfg.hidden),
+                ("ffn_down", &layer.down, cfg.hidden, cfg.ffn),
+            ];
+            for (name, m, rows, cols) in shapes {
+                if (m.rows, m.cols) != (rows, cols) {
+                    bail!("layer {l} {name}: shape {}x{} does not match the config ({rows}x{cols})", m.rows, m.cols);
+                }
+            }
         }
         let mut cfg = cfg;
         cfg.vocab = embed.rows;

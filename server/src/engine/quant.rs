@@ -125,6 +125,26 @@ impl QMatrix {
         Ok(QMatrix { rows, cols, format, scales, quants })
     }
 
+    /// Quantizes f32 weights (row-major) to Q8_0 the way ggml does: per block of 32,
+    /// d = max|w|/127 stored as f16, q = round(w/d).
+    pub fn quantize_q8_0(rows: usize, cols: usize, w: &[f32]) -> anyhow::Result<Self> {
+        if w.len() != rows * cols {
+            anyhow::bail!("{} values for a {rows}x{cols} matrix", w.len());
+        }
+        if cols % QK != 0 {
+            anyhow::bail!("matrix with {cols} columns: not a multiple of {QK}");
+        }
+        let mut data = Vec::with_capacity(w.len() / QK * 34);
+        for block in w.chunks_exact(QK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            data.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+        }
+        Self::new(rows, cols, Format::Q8_0, data)
+    }
+
     fn blocks_per_row(&self) -> usize {
         self.cols / QK
     }

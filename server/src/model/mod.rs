@@ -3,4 +3,5 @@
 
 pub mod chat_template;
 pub mod gguf;
+pub mod hf;
 pub mod tokenizer;

@@ -1,4 +1,5 @@
-//! A Hugging Face `tokenizers::Tokenizer` rebuilt from GGUF metadata, with the pre-tokenizer the
+//! The model's tokenizer and its special tokens: from an HF folder's `tokenizer.json`, or a
+//! Hugging Face `tokenizers::Tokenizer` rebuilt from GGUF metadata with the pre-tokenizer the
 //! GGUF's `tokenizer.ggml.pre` names (mistralrs 0.8.1 ignores it and splits digits, chat tokens
 //! and whitespace differently from the model's real tokenizer). Verified against llama.cpp on
 //! the same file by `tests/tests/tokenizer.rs`.
@@ -34,13 +35,30 @@ pub struct SpecialTokens {
     pub add_bos: bool,
 }
 
-/// A tokenizer and its special tokens, from one GGUF file.
-pub struct GgufTokenizer {
+/// A tokenizer and its special tokens, from one GGUF file or HF folder.
+pub struct ModelTokenizer {
     pub tokenizer: Tokenizer,
     /// The same tokenizer with control tokens treated as plain text.
     plain: Tokenizer,
     pub special: SpecialTokens,
     pub vocab_size: usize,
+}
+
+/// EOS plus the end-of-generation tokens llama.cpp recognises by name (llama-vocab.cpp), when
+/// the vocabulary has them as control tokens, so both engines stop alike.
+fn stop_ids(eos: u32, control: impl Fn(&str) -> Option<u32>) -> Vec<u32> {
+    let mut stop = vec![eos];
+    for name in [
+        "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
+        "<EOT>", "_<EOT>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<fim-repo>", "<reponame>",
+    ] {
+        if let Some(i) = control(name) {
+            if !stop.contains(&i) {
+                stop.push(i);
+            }
+        }
+    }
+    stop
 }
 
 fn pre_tokenizer(pre: &str) -> anyhow::Result<PreTokenizerWrapper> {
@@ -71,7 +89,7 @@ fn pre_tokenizer(pre: &str) -> anyhow::Result<PreTokenizerWrapper> {
     })
 }
 
-impl GgufTokenizer {
+impl ModelTokenizer {
     /// Rebuilds the tokenizer of a byte-level BPE GGUF (`tokenizer.ggml.model = gpt2`).
     pub fn from_metadata(meta: &GgufMetadata) -> anyhow::Result<Self> {
         let model = meta.string("tokenizer.ggml.model")?;
@@ -118,27 +136,46 @@ impl GgufTokenizer {
 
         let eos = meta.opt_u32("tokenizer.ggml.eos_token_id").context("GGUF has no tokenizer.ggml.eos_token_id")?;
         let bos = meta.opt_u32("tokenizer.ggml.bos_token_id");
-        let mut stop = vec![eos];
-        // The end-of-generation names llama.cpp recognises (llama-vocab.cpp), so both stop alike.
-        for name in [
-            "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
-            "<EOT>", "_<EOT>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<fim-repo>", "<reponame>",
-        ] {
-            if let Some(i) = tokens.iter().position(|t| t == name) {
-                if types.get(i) == Some(&TOKEN_TYPE_CONTROL) && !stop.contains(&(i as u32)) {
-                    stop.push(i as u32);
-                }
-            }
-        }
+        let control = |name: &str| {
+            tokens.iter().position(|t| t == name).filter(|&i| types.get(i) == Some(&TOKEN_TYPE_CONTROL)).map(|i| i as u32)
+        };
+        let mut stop = stop_ids(eos, control);
         if let Some(eot) = meta.opt_u32("tokenizer.ggml.eot_token_id") {
             if !stop.contains(&eot) {
                 stop.push(eot);
             }
         }
         let add_bos = meta.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+        Ok(Self::with_special(tokenizer, tokens.len(), SpecialTokens { bos, eos, stop, add_bos }))
+    }
+
+    /// A tokenizer from `tokenizer.json` with the special tokens an HF folder declares
+    /// (`tokenizer_config.json`, `generation_config.json`).
+    pub fn from_hf(tokenizer: Tokenizer, vocab_size: usize, bos: Option<u32>, eos: u32, extra_stop: &[u32], add_bos: bool) -> Self {
+        let specials: std::collections::HashMap<String, u32> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        let mut stop = stop_ids(eos, |name| specials.get(name).copied());
+        for id in extra_stop {
+            if !stop.contains(id) {
+                stop.push(*id);
+            }
+        }
+        Self::with_special(tokenizer, vocab_size, SpecialTokens { bos, eos, stop, add_bos })
+    }
+
+    fn with_special(tokenizer: Tokenizer, vocab_size: usize, special: SpecialTokens) -> Self {
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
-        Ok(GgufTokenizer { vocab_size: tokens.len(), tokenizer, plain, special: SpecialTokens { bos, eos, stop, add_bos } })
+        ModelTokenizer { vocab_size, tokenizer, plain, special }
+    }
+
+    /// The text of a token id (for templates' `bos_token`/`eos_token`).
+    pub fn token_text(&self, id: Option<u32>) -> String {
+        id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default()
     }
 
     /// Token ids of `text`. With `parse_special`, control tokens written in the text (e.g.

@@ -1,6 +1,7 @@
-//! The local teacher: a GGUF model run in-process by the native engine, fully offline.
-//! It renders the model's own chat template, tokenizes with the tokenizer rebuilt from the
-//! GGUF, decodes greedily with continuous batching, and reports the exact token ids it used.
+//! The local teacher: a GGUF file or HF folder run in-process, fully offline, on the native
+//! engine (Llama family) or mistralrs (other GGUF architectures). It renders the model's own
+//! chat template, tokenizes with our tokenizer (so both engines get the same, verified ids),
+//! decodes greedily, and reports the exact token ids it used.
 //! A model that fails to load leaves the teacher registered but unavailable (the server stays up).
 
 use std::io::{Read, Seek, SeekFrom};
@@ -13,19 +14,48 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::{GenerateOutput, GenerateRequest, Teacher, TeacherError};
-use crate::config::TeacherSettings;
+use crate::config::{LocalEngine, TeacherSettings};
 use crate::domain::render::RenderedRequest;
 use crate::engine::llama::Llama;
-use crate::engine::scheduler::{Job, Scheduler};
+use crate::engine::scheduler::{Generated, Job, Scheduler};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::gguf::GgufMetadata;
-use crate::model::tokenizer::GgufTokenizer;
+use crate::model::hf::HfFolder;
+use crate::model::tokenizer::ModelTokenizer;
+
+/// The engine a loaded model runs on.
+enum Engine {
+    Native(Scheduler),
+    #[cfg(feature = "mistralrs")]
+    Mistral(crate::engine::mistral::MistralEngine),
+}
+
+impl Engine {
+    async fn generate(
+        &self,
+        prompt: Vec<u32>,
+        max_new_tokens: usize,
+        stop_ids: Vec<u32>,
+        stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>,
+    ) -> Result<Generated, String> {
+        match self {
+            Engine::Native(scheduler) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                scheduler.submit(Job { prompt, max_new_tokens, stop_ids, stop_check, reply })?;
+                answer.await.map_err(|_| "the engine dropped the request".to_string())?
+            }
+            #[cfg(feature = "mistralrs")]
+            Engine::Mistral(m) => m.generate(prompt, max_new_tokens, stop_ids, stop_check).await,
+        }
+    }
+}
 
 struct Loaded {
-    tokenizer: Arc<GgufTokenizer>,
+    tokenizer: Arc<ModelTokenizer>,
     template: ChatTemplate,
-    scheduler: Scheduler,
+    engine: Engine,
     model_name: String,
+    identity: String,
 }
 
 pub struct LocalTeacher {
@@ -35,12 +65,11 @@ pub struct LocalTeacher {
     loaded: Result<Loaded, String>,
 }
 
-/// Identity of a model file for the dedup cache: name, size and a hash of its first and last
-/// MiB (a re-quantized or replaced file gets a new identity without hashing gigabytes).
-fn fingerprint(path: &Path) -> anyhow::Result<String> {
+/// Hash of a file's size and its first and last MiB (a re-quantized or replaced file gets a
+/// new identity without hashing gigabytes).
+fn hash_file(h: &mut Sha256, path: &Path) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len();
-    let mut h = Sha256::new();
     h.update(len.to_le_bytes());
     let mut buf = vec![0u8; (1 << 20).min(len as usize)];
     f.read_exact(&mut buf)?;
@@ -48,15 +77,21 @@ fn fingerprint(path: &Path) -> anyhow::Result<String> {
     f.seek(SeekFrom::Start(len - buf.len() as u64))?;
     f.read_exact(&mut buf)?;
     h.update(&buf);
+    Ok(())
+}
+
+/// Identity of a model file or folder for the dedup cache.
+fn fingerprint(path: &Path, files: &[PathBuf]) -> anyhow::Result<String> {
+    let mut h = Sha256::new();
+    for f in files {
+        hash_file(&mut h, f)?;
+    }
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     Ok(format!("local:{name}@{}", &hex::encode(h.finalize())[..16]))
 }
 
-/// Memory the engine needs for a model file: the weights repacked (about 1.2× the file for
-/// Q4_1) plus working buffers.
-fn check_memory(path: &Path) -> anyhow::Result<()> {
-    let size = std::fs::metadata(path)?.len() as f64;
-    let need = size * 1.3 + (64u64 << 20) as f64;
+/// Checks that `need` bytes fit in the memory available now.
+fn check_memory(need: f64) -> anyhow::Result<()> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let available = meminfo
         .lines()
@@ -76,47 +111,140 @@ fn check_memory(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(path: &Path, max_batch: usize, template_file: Option<&Path>) -> anyhow::Result<(Loaded, String)> {
+/// The template given by flag, else the model's own.
+fn template(
+    file: Option<&Path>,
+    own: Option<String>,
+    tokenizer: &ModelTokenizer,
+    where_: &str,
+) -> anyhow::Result<ChatTemplate> {
+    let source = match file {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("cannot read chat template {}", f.display()))?,
+        None => own.with_context(|| format!("{where_} has no chat template; give one with --chat-template NAME=FILE"))?,
+    };
+    let t = |id| tokenizer.token_text(id);
+    ChatTemplate::new(&source, &t(tokenizer.special.bos), &t(Some(tokenizer.special.eos)))
+}
+
+/// What `load` produces before the engine starts.
+struct Parts {
+    tokenizer: ModelTokenizer,
+    template: ChatTemplate,
+    model_name: String,
+    identity: String,
+}
+
+/// An HF folder (Llama-family safetensors) on the native engine.
+fn load_hf_folder(dir: &Path, max_batch: usize, template_file: Option<&Path>) -> anyhow::Result<(Parts, Scheduler)> {
+    let folder = HfFolder::open(dir)?;
+    // f32 or bf16 weights are mapped, converted one tensor at a time and kept as Q8_0.
+    check_memory(folder.weight_bytes() as f64 * 0.6 + (128u64 << 20) as f64)?;
+    let mut files = vec![dir.join("config.json"), dir.join("tokenizer.json")];
+    files.extend(folder.safetensors.iter().cloned());
+    let identity = fingerprint(dir, &files).with_context(|| format!("cannot read {}", dir.display()))?;
+    let tokenizer = folder.tokenizer()?;
+    let template = template(template_file, folder.chat_template()?, &tokenizer, &dir.display().to_string())?;
+    let model = Llama::load_hf(&folder)?;
+    if tokenizer.vocab_size > model.cfg.vocab {
+        anyhow::bail!("tokenizer vocabulary {} is larger than the model's {}", tokenizer.vocab_size, model.cfg.vocab);
+    }
+    let model_name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| identity.clone());
+    Ok((Parts { tokenizer, template, model_name, identity }, Scheduler::start(model, max_batch)))
+}
+
+/// Tokenizer, template and identity of a GGUF file, and its architecture.
+fn gguf_parts(path: &Path, template_file: Option<&Path>) -> anyhow::Result<(Parts, String)> {
+    // Weights repacked (about 1.2× the file for Q4_1) plus working buffers.
+    check_memory(std::fs::metadata(path)?.len() as f64 * 1.3 + (64u64 << 20) as f64)?;
+    let identity = fingerprint(path, &[path.to_path_buf()]).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta = GgufMetadata::read(path)?;
+    let arch = meta.opt_string("general.architecture").unwrap_or_default().to_string();
+    let tokenizer = ModelTokenizer::from_metadata(&meta)?;
+    let own = meta.opt_string("tokenizer.chat_template").map(str::to_string);
+    let template = template(template_file, own, &tokenizer, "the GGUF")?;
+    let model_name = meta.opt_string("general.name").map(str::to_string).unwrap_or_else(|| identity.clone());
+    Ok((Parts { tokenizer, template, model_name, identity }, arch))
+}
+
+/// Runs blocking loader code on a blocking thread; a panic becomes an error.
+async fn blocking<T: Send + 'static>(what: String, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(anyhow::anyhow!("the model loader panicked on {what}")),
+        Err(e) => Err(anyhow::anyhow!("the model loader failed on {what}: {e}")),
+    }
+}
+
+async fn load(path: PathBuf, max_batch: usize, template_file: Option<PathBuf>, engine: LocalEngine) -> anyhow::Result<Loaded> {
+    let what = path.display().to_string();
+    if path.is_dir() {
+        if engine == LocalEngine::Mistralrs {
+            anyhow::bail!("the mistralrs engine is used for GGUF files only; HF folders run on the native engine");
+        }
+        let (parts, scheduler) =
+            blocking(what, move || load_hf_folder(&path, max_batch, template_file.as_deref())).await?;
+        return Ok(finish(parts, Engine::Native(scheduler)));
+    }
     if !path.exists() {
         anyhow::bail!("model file {} does not exist", path.display());
     }
-    check_memory(path)?;
-    let identity = fingerprint(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let meta = GgufMetadata::read(path)?;
-    let tokenizer = GgufTokenizer::from_metadata(&meta)?;
-    let from_file = match template_file {
-        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("cannot read chat template {}", f.display()))?),
-        None => None,
+    let p = path.clone();
+    let (parts, arch) = blocking(what.clone(), move || gguf_parts(&p, template_file.as_deref())).await?;
+    let native = match engine {
+        LocalEngine::Native => true,
+        LocalEngine::Mistralrs => false,
+        LocalEngine::Auto => arch == "llama",
     };
-    let tmpl = match &from_file {
-        Some(t) => t.as_str(),
-        None => meta.opt_string("tokenizer.chat_template").context(
-            "the GGUF has no tokenizer.chat_template; give one with --chat-template NAME=FILE",
-        )?,
-    };
-    let token = |id: Option<u32>| id.and_then(|i| tokenizer.tokenizer.id_to_token(i)).unwrap_or_default();
-    let template = ChatTemplate::new(tmpl, &token(tokenizer.special.bos), &token(Some(tokenizer.special.eos)))?;
-    let model = Llama::load(path)?;
-    if model.cfg.vocab != tokenizer.vocab_size {
-        anyhow::bail!("model vocabulary {} != tokenizer vocabulary {}", model.cfg.vocab, tokenizer.vocab_size);
+    if native {
+        let model = blocking(what, move || Llama::load(&path)).await?;
+        if model.cfg.vocab != parts.tokenizer.vocab_size {
+            anyhow::bail!("model vocabulary {} != tokenizer vocabulary {}", model.cfg.vocab, parts.tokenizer.vocab_size);
+        }
+        return Ok(finish(parts, Engine::Native(Scheduler::start(model, max_batch))));
     }
-    let model_name = meta.opt_string("general.name").map(str::to_string).unwrap_or_else(|| identity.clone());
-    let scheduler = Scheduler::start(model, max_batch);
-    Ok((Loaded { tokenizer: Arc::new(tokenizer), template, scheduler, model_name }, identity))
+    mistral(parts, &path, &arch).await
+}
+
+#[cfg(feature = "mistralrs")]
+async fn mistral(parts: Parts, path: &Path, arch: &str) -> anyhow::Result<Loaded> {
+    let engine = crate::engine::mistral::MistralEngine::load(path, arch).await?;
+    Ok(finish(parts, Engine::Mistral(engine)))
+}
+
+#[cfg(not(feature = "mistralrs"))]
+async fn mistral(_parts: Parts, _path: &Path, arch: &str) -> anyhow::Result<Loaded> {
+    crate::engine::check_mistralrs_architecture(arch)?;
+    anyhow::bail!(
+        "architecture `{arch}` needs the mistralrs engine (the native engine covers `llama`), and this server \
+         was built without it; rebuild with `cargo build --release -p server --features mistralrs`"
+    )
+}
+
+fn finish(parts: Parts, engine: Engine) -> Loaded {
+    Loaded {
+        tokenizer: Arc::new(parts.tokenizer),
+        template: parts.template,
+        engine,
+        model_name: parts.model_name,
+        identity: parts.identity,
+    }
 }
 
 impl LocalTeacher {
     /// Loads the model; a failure (missing or corrupt file, unsupported architecture, panic in
     /// the loader) is kept as the teacher's load error instead of stopping the server.
-    pub fn load(settings: &TeacherSettings, path: &PathBuf) -> Self {
+    pub async fn load(settings: &TeacherSettings, path: &Path) -> Self {
         let max_batch = settings.max_in_flight.min(64);
-        let template = settings.chat_template.as_deref();
-        let result = std::panic::catch_unwind(|| load(path, max_batch, template))
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the model loader panicked on {}", path.display())));
+        let result = load(path.to_path_buf(), max_batch, settings.chat_template.clone(), settings.local_engine).await;
         match result {
-            Ok((loaded, identity)) => {
-                tracing::info!(teacher = %settings.name, %identity, "local model loaded");
-                LocalTeacher { name: settings.name.clone(), identity, max_in_flight: settings.max_in_flight, loaded: Ok(loaded) }
+            Ok(loaded) => {
+                tracing::info!(teacher = %settings.name, identity = %loaded.identity, "local model loaded");
+                LocalTeacher {
+                    name: settings.name.clone(),
+                    identity: loaded.identity.clone(),
+                    max_in_flight: settings.max_in_flight,
+                    loaded: Ok(loaded),
+                }
             }
             Err(e) => {
                 let msg = format!("local teacher `{}` could not load {}: {e:#}", settings.name, path.display());
@@ -177,18 +305,10 @@ impl Teacher for LocalTeacher {
                 stops.iter().any(|s| text.contains(s.as_str()))
             }))
         };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job {
-            prompt: prompt.clone(),
-            max_new_tokens: req.max_new_tokens as usize,
-            stop_ids: l.tokenizer.special.stop.clone(),
-            stop_check,
-            reply,
-        };
-        l.scheduler.submit(job).map_err(fatal)?;
-        let generated = answer
+        let generated = l
+            .engine
+            .generate(prompt.clone(), req.max_new_tokens as usize, l.tokenizer.special.stop.clone(), stop_check)
             .await
-            .map_err(|_| fatal("the engine dropped the request".into()))?
             .map_err(fatal)?;
         // The text excludes a final end-of-turn token and anything from a stop string on;
         // the ids keep everything the model produced.

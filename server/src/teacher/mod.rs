@@ -1,5 +1,5 @@
 //! The teacher abstraction: a small trait, so the queue and HTTP layer never know which backend
-//! answers. Backends: `openai` (any OpenAI-compatible server); a local in-process one comes next.
+//! answers. Backends: `openai` (any OpenAI-compatible server) and `local` (in-process).
 
 pub mod local;
 pub mod openai;
@@ -73,9 +73,9 @@ pub trait Teacher: Send + Sync {
 }
 
 /// Builds the backend a configured teacher names.
-pub fn build(settings: &TeacherSettings) -> anyhow::Result<Arc<dyn Teacher>> {
+pub async fn build(settings: &TeacherSettings) -> anyhow::Result<Arc<dyn Teacher>> {
     match &settings.spec {
         TeacherSpec::OpenAi { .. } => Ok(Arc::new(openai::OpenAiTeacher::new(settings)?)),
-        TeacherSpec::Local { path } => Ok(Arc::new(local::LocalTeacher::load(settings, path))),
+        TeacherSpec::Local { path } => Ok(Arc::new(local::LocalTeacher::load(settings, path).await)),
     }
 }

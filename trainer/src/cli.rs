@@ -1,0 +1,123 @@
+//! Command-line interface (the `--help` text is these doc comments).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::init::InitSpec;
+
+/// Fine-tune a student on the teacher answers a distill server recorded in SQLite.
+///
+/// Example: trainer --from-db gen.sqlite --init models/SmolLM2-135M-Instruct.Q4_1.gguf
+///          --keep-layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28 --max-steps 200 --out runs/student
+#[derive(Debug, Parser)]
+#[command(name = "trainer", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub train: Option<TrainArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Evaluate a trained model (an output folder) on the validation split, without training.
+    Eval(EvalArgs),
+}
+
+/// Which answers to use.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// The server's database (gen.sqlite).
+    #[arg(long, value_name = "PATH", required = true)]
+    pub from_db: PathBuf,
+    /// Only answers of this job; repeatable (default: every job).
+    #[arg(long = "job", value_name = "ID")]
+    pub jobs: Vec<i64>,
+    /// Also train on answers cut off by max_new_tokens (default: only answers that ended with a stop).
+    #[arg(long)]
+    pub include_truncated: bool,
+    /// Fraction of prompts held out for validation, chosen by a hash of the prompt.
+    #[arg(long, default_value_t = 0.05, value_name = "F")]
+    pub val_fraction: f64,
+    /// At least this many validation examples.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub min_val: usize,
+    /// Longest training sequence (prompt + answer) in tokens; longer examples lose the end of their answer.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_len: usize,
+    /// Tokenizer (GGUF file or HF folder) for a scratch model, or to override the init model's.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where the student starts: a GGUF file (dequantized to f32), an HF folder
+    /// (config.json + *.safetensors + tokenizer.json) or scratch:CONFIG.json (random weights).
+    #[arg(long, value_name = "SPEC", required = true)]
+    pub init: InitSpec,
+    /// Output folder: the trained model (HF layout), checkpoint/, metrics.jsonl, loss.png.
+    #[arg(long, value_name = "DIR", required = true)]
+    pub out: PathBuf,
+    /// Keep only these decoder layers of the init model (e.g. 0,4,8,...): a smaller student
+    /// that shares the teacher's tokenizer.
+    #[arg(long, value_name = "I,J,...", value_delimiter = ',')]
+    pub keep_layers: Option<Vec<usize>>,
+    /// Optimizer steps to run (default: one epoch).
+    #[arg(long, value_name = "N", conflicts_with = "epochs")]
+    pub max_steps: Option<u64>,
+    /// Passes over the training set.
+    #[arg(long, value_name = "E")]
+    pub epochs: Option<u64>,
+    /// Peak learning rate (after warmup; cosine decay to 10 % of it).
+    #[arg(long, default_value_t = 1e-4, value_name = "LR")]
+    pub lr: f64,
+    /// Tokens per micro-batch (rows of --max-len tokens, several examples packed per row).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub batch_tokens: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub grad_accum: usize,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub warmup: u64,
+    /// Evaluate every N steps (and at the start and the end).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub eval_every: u64,
+    /// Save a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub save_every: u64,
+    /// Seed for the data order and for scratch initialisation.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// Continue from OUT/checkpoint/ (same data and settings); the result equals an uninterrupted run.
+    #[arg(long)]
+    pub resume: bool,
+    /// AdamW decoupled weight decay (not applied to norms).
+    #[arg(long, default_value_t = 0.0, value_name = "W")]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[arg(long, default_value_t = 1.0, value_name = "N")]
+    pub max_grad_norm: f64,
+    /// Stop after this many steps of this invocation, checkpointing first (for tests of resume).
+    #[arg(long, value_name = "N", hide = true)]
+    pub stop_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The model to evaluate: a trainer output folder, an HF folder or a GGUF file.
+    #[arg(long, value_name = "DIR", required = true)]
+    pub model: InitSpec,
+    /// Keep only these decoder layers (to evaluate a pruned, untrained student).
+    #[arg(long, value_name = "I,J,...", value_delimiter = ',')]
+    pub keep_layers: Option<Vec<usize>>,
+    /// Tokens per evaluation batch.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub batch_tokens: usize,
+}
