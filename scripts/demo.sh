@@ -11,8 +11,8 @@ SET="${SET:-prompts/math-word-problems.jsonl}"
 MAX_NEW="${MAX_NEW:-256}"
 
 MODEL="$(scripts/fetch-model.sh | tail -n 1)"
-echo "== building the server (release; the first build takes a few minutes)"
-cargo build --release --locked -p server --bin server
+echo "== building the server and the trainer (release; the first build takes a few minutes)"
+cargo build --release --locked -p server --bin server -p trainer --bin trainer
 if curl -fsS "$URL/health" >/dev/null 2>&1; then
     echo "something already answers on $URL; stop it or run with PORT=..." >&2
     exit 1
@@ -42,7 +42,9 @@ done
 echo
 echo "== finished: every answer is in $DB (schema: docs/schema.md)"
 echo "   export for TRL:  curl -s '$URL/v1/jobs/$JOB_ID/export?format=jsonl' > job-$JOB_ID.jsonl"
-echo "   next: fine-tune a student on it:  trainer --from-db $DB   (the trainer is the next piece of work)"
+echo "   next: fine-tune a 15-layer student of the teacher on it (CPU, a few minutes):"
+echo "   $CARGO_TARGET_DIR/release/trainer --from-db $DB --init $MODEL \\"
+echo "       --keep-layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28 --max-steps 100 --max-len 512 --out runs/student"
 echo "== the server keeps running at $URL (pid $PID, log $LOG) for your own prompt sets:"
 echo "   curl --data-binary @my-prompts.jsonl -H 'content-type: application/x-ndjson' '$URL/v1/prompt-sets?name=mine'"
 echo "   curl $URL/v1/jobs -H 'content-type: application/json' -d '{\"prompt_set\": ID, \"teacher\": \"smol\"}'"

@@ -3,7 +3,8 @@
 //! prompt processing included.
 //!
 //! Run: `cargo bench -p distill-tests --bench engine` (needs models/ and the llama.cpp venv
-//! from scripts/fetch-model.sh and scripts/setup-llama-server.sh).
+//! from scripts/fetch-model.sh and scripts/setup-llama-server.sh). With `--features mistralrs`,
+//! mistralrs 0.8.1 on the same file and prompts is measured too (once, after the rest).
 
 use std::time::Instant;
 
@@ -142,6 +143,8 @@ fn bench(threads: usize, reps: usize) {
     println!("native sequential (4 prompts one after another): {seq:.1} tok/s");
     println!("native 8 concurrent (one batch): {conc:.1} tok/s aggregate");
     println!("native peak RSS: {:.0} MiB", peak_rss_mib());
+    #[cfg(feature = "mistralrs")]
+    mistralrs_side(&four);
     if !base.is_empty() {
         let base = median(base);
         println!("llama.cpp sequential: {base:.1} tok/s, peak RSS {llama_rss:.0} MiB");
@@ -151,4 +154,19 @@ fn bench(threads: usize, reps: usize) {
             conc / base
         );
     }
+}
+
+/// mistralrs on the same prompts, one after another (as the server runs it).
+#[cfg(feature = "mistralrs")]
+fn mistralrs_side(prompts: &[Vec<u32>]) {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let engine = server::engine::mistral::MistralEngine::load(&smollm2_gguf(), "llama").await.unwrap();
+        let start = Instant::now();
+        let mut toks = 0;
+        for p in prompts {
+            toks += engine.generate(p.clone(), MAX_NEW, STOP.to_vec(), None).await.unwrap().ids.len();
+        }
+        println!("mistralrs 0.8.1 sequential: {:.1} tok/s (one run)", toks as f64 / start.elapsed().as_secs_f64());
+    });
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser};
 
 use crate::init::InitSpec;
 
@@ -10,19 +10,40 @@ use crate::init::InitSpec;
 ///
 /// Example: trainer --from-db gen.sqlite --init models/SmolLM2-135M-Instruct.Q4_1.gguf
 ///          --keep-layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28 --max-steps 200 --out runs/student
+///
+/// Evaluation alone: trainer eval --from-db gen.sqlite --model DIR (see trainer eval --help).
 #[derive(Debug, Parser)]
-#[command(name = "trainer", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
+#[command(name = "trainer", version)]
+pub struct TrainCli {
     #[command(flatten)]
-    pub train: Option<TrainArgs>,
+    pub args: TrainArgs,
 }
 
-#[derive(Debug, Subcommand)]
+/// Evaluate a model (a trainer output folder, an HF folder or a GGUF) on the validation split:
+/// loss, perplexity and greedy agreement with the teacher, printed as JSON.
+#[derive(Debug, Parser)]
+#[command(name = "trainer eval", bin_name = "trainer eval", version)]
+pub struct EvalCli {
+    #[command(flatten)]
+    pub args: EvalArgs,
+}
+
+/// What the command line asks for: `trainer eval ...` or a training run.
 pub enum Command {
-    /// Evaluate a trained model (an output folder) on the validation split, without training.
+    Train(TrainArgs),
     Eval(EvalArgs),
+}
+
+impl Command {
+    pub fn parse() -> Self {
+        let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        if argv.get(1).is_some_and(|a| a == "eval") {
+            argv.remove(1);
+            Command::Eval(EvalCli::parse_from(argv).args)
+        } else {
+            Command::Train(TrainCli::parse_from(argv).args)
+        }
+    }
 }
 
 /// Which answers to use.

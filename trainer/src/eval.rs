@@ -42,7 +42,7 @@ pub fn evaluate(model: &Llama, batches: &[Batch]) -> anyhow::Result<EvalResult> 
     let (mut loss_sum, mut count, mut agree) = (0f64, 0f64, 0f64);
     for b in batches {
         let t = BatchTensors::new(b, model.device(), model.dtype())?;
-        let logits = model.forward(&t.input, &t.positions, &t.segments)?.detach();
+        let logits = model.forward_no_grad(&t.input, &t.positions, &t.segments)?;
         let (loss, n) = masked_cross_entropy(&logits, &t.target, &t.mask)?;
         loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         count += n;

@@ -1,16 +1,9 @@
-use clap::Parser;
-
-use trainer::cli::{Cli, Command};
+use trainer::cli::Command;
 
 fn main() {
-    let cli = Cli::parse();
-    let result = match (cli.command, cli.train) {
-        (Some(Command::Eval(args)), _) => trainer::train::run_eval(args),
-        (None, Some(args)) => trainer::train::run(args),
-        (None, None) => {
-            eprintln!("trainer: nothing to do; see trainer --help");
-            std::process::exit(2);
-        }
+    let result = match Command::parse() {
+        Command::Train(args) => trainer::train::run(args),
+        Command::Eval(args) => trainer::train::run_eval(args),
     };
     if let Err(e) = result {
         eprintln!("trainer: error: {e:#}");

@@ -258,23 +258,35 @@ impl Llama {
     /// segment id. Padding may share segment 0 (it then attends only to padding; the caller
     /// masks it out of the loss).
     pub fn forward(&self, input: &Tensor, positions: &Tensor, segments: &Tensor) -> Result<Tensor> {
+        self.forward_impl(input, positions, segments, true)
+    }
+
+    /// [`Llama::forward`] without recording the autograd graph (evaluation): the weights are
+    /// used detached, so each layer's intermediates are freed as soon as the next one has run
+    /// instead of being kept for a backward pass that never comes.
+    pub fn forward_no_grad(&self, input: &Tensor, positions: &Tensor, segments: &Tensor) -> Result<Tensor> {
+        self.forward_impl(input, positions, segments, false)
+    }
+
+    fn forward_impl(&self, input: &Tensor, positions: &Tensor, segments: &Tensor, track: bool) -> Result<Tensor> {
+        let w = |v: &Var| if track { v.as_tensor().clone() } else { v.as_tensor().detach() };
         let (b, t) = input.dims2().context("input must be [batch, time] token ids")?;
         ensure!(positions.dims() == [b, t], "positions must be [{b}, {t}], got {:?}", positions.dims());
         ensure!(segments.dims() == [b, t], "segments must be [{b}, {t}], got {:?}", segments.dims());
         let cfg = &self.cfg;
 
-        let mut x = self.embed_tokens.as_tensor().index_select(&input.flatten_all()?, 0)?; // [B·T, H]
+        let mut x = w(&self.embed_tokens).index_select(&input.flatten_all()?, 0)?; // [B·T, H]
         let (cos, sin) = self.rope_tables(positions)?;
         let bias = self.attention_bias(segments, t)?;
         for layer in &self.layers {
-            let a = self.attention(layer, &rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?, b, t, &cos, &sin, &bias)?;
+            let a = self.attention(layer, &rms_norm(&x, &w(&layer.input_layernorm), cfg.rms_norm_eps)?, b, t, &cos, &sin, &bias, &w)?;
             x = (x + a)?;
-            let m = mlp(layer, &rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?)?;
+            let m = mlp(layer, &rms_norm(&x, &w(&layer.post_attention_layernorm), cfg.rms_norm_eps)?, &w)?;
             x = (x + m)?;
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let x = rms_norm(&x, &w(&self.norm), cfg.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let logits = linear(&x, head)?; // [B·T, V]
+        let logits = linear(&x, &w(head))?; // [B·T, V]
         Ok(logits.reshape((b, t, cfg.vocab_size))?)
     }
 
@@ -309,13 +321,23 @@ impl Llama {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn attention(&self, l: &Layer, x: &Tensor, b: usize, t: usize, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        w: &dyn Fn(&Var) -> Tensor,
+    ) -> Result<Tensor> {
         let (nh, nkv, d) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         // [B·T, n·d] → [B, n, T, d]
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = rope(&heads(linear(x, &l.q_proj)?, nh)?, cos, sin)?;
-        let k = rope(&heads(linear(x, &l.k_proj)?, nkv)?, cos, sin)?;
-        let v = heads(linear(x, &l.v_proj)?, nkv)?;
+        let q = rope(&heads(linear(x, &w(&l.q_proj))?, nh)?, cos, sin)?;
+        let k = rope(&heads(linear(x, &w(&l.k_proj))?, nkv)?, cos, sin)?;
+        let v = heads(linear(x, &w(&l.v_proj))?, nkv)?;
         // Grouped-query attention: query head h uses KV head h / (nh / nkv), as HF's repeat_kv.
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
@@ -323,7 +345,7 @@ impl Llama {
         let probs = softmax(&scores.to_dtype(dt)?.broadcast_add(bias)?)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?; // [B, nh, T, d]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * d))?;
-        linear(&out, &l.o_proj)
+        linear(&out, &w(&l.o_proj))
     }
 }
 
@@ -342,17 +364,17 @@ fn softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `x · Wᵀ` for an HF [out, in] weight; `x` is [N, in].
-fn linear(x: &Tensor, w: &Var) -> Result<Tensor> {
-    Ok(x.matmul(&w.as_tensor().t()?)?)
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
 }
 
 /// HF LlamaRMSNorm: x / sqrt(mean(x²) + eps) · w, computed in f32 for half-precision input.
-fn rms_norm(x: &Tensor, w: &Var, eps: f32) -> Result<Tensor> {
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let dt = x.dtype();
     let xf = x.to_dtype(softmax_dtype(dt))?;
     let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
     let normed = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
-    Ok(normed.broadcast_mul(w.as_tensor())?)
+    Ok(normed.broadcast_mul(w)?)
 }
 
 /// HF `apply_rotary_pos_emb`: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] over
@@ -375,10 +397,10 @@ fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
 }
 
 /// SwiGLU: down(silu(gate(x)) ⊙ up(x)).
-fn mlp(l: &Layer, x: &Tensor) -> Result<Tensor> {
-    let g = linear(x, &l.gate_proj)?.silu()?;
-    let u = linear(x, &l.up_proj)?;
-    linear(&(g * u)?, &l.down_proj)
+fn mlp(l: &Layer, x: &Tensor, w: &dyn Fn(&Var) -> Tensor) -> Result<Tensor> {
+    let g = linear(x, &w(&l.gate_proj))?.silu()?;
+    let u = linear(x, &w(&l.up_proj))?;
+    linear(&(g * u)?, &w(&l.down_proj))
 }
 
 /// Summed next-token cross-entropy over the positions where `mask` is non-zero (a mask value

@@ -1,0 +1,817 @@
+//! Training speed and memory of the candle student against PyTorch eager on the same CPU
+//! (issue 4): SmolLM2-135M-Instruct pruned to 8 layers (0, 4, …, 28), f32, one fixed packed
+//! batch of 4 rows × 512 tokens, the step of trainer/src/train.rs (forward, masked CE mean,
+//! backward, clip 1.0, AdamW). Reported: tokens/s (non-padding input tokens per second, median
+//! over the steps after the warmup), peak RSS (VmHWM) and the step-1 loss of each side.
+//!
+//! Run: `cargo bench -p trainer --bench train` (needs models/ from scripts/fetch-model.sh;
+//! the PyTorch side needs the venv of bench/setup-torch.sh and is skipped without it).
+//!
+//! Each side runs in its own fresh process that loads the same HF folder (written here with
+//! `write_folder`) and the same batch file, so the peak RSS figures compare like with like:
+//! the candle side is this binary re-executed as a worker, the PyTorch side
+//! bench/train_torch.py. After the steps both time the model's parts one by one (forward and
+//! backward of each, with the shapes of the run) so that a gap can be attributed.
+//!
+//! Env: BENCH_STEPS (5), BENCH_WARMUP (1), BENCH_ROWS (4), BENCH_SEQ (512), BENCH_PROFILE
+//! (1; 0 skips the per-part timings), BENCH_SDPA (1; 0 skips the extra PyTorch run with
+//! F.scaled_dot_product_attention), TORCH_PYTHON (default: the venv's python),
+//! RAYON_NUM_THREADS (candle's matmul threads; default: all cores; PyTorch gets the same count).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde_json::{json, Value};
+
+use server::model::gguf::GgufMetadata;
+use server::model::hf::{read_gguf_as_hf, write_folder};
+use server::model::tokenizer::ModelTokenizer;
+use trainer::model::{masked_cross_entropy, Llama};
+use trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+const KEEP: [usize; 8] = [0, 4, 8, 12, 16, 20, 24, 28];
+const LR: f64 = 1e-4;
+const MAX_GRAD_NORM: f64 = 1.0;
+const WORKER_ENV: &str = "TRAIN_BENCH_WORKER";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn torch_python() -> PathBuf {
+    if let Ok(p) = std::env::var("TORCH_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+    cache.join("distill/torch-venv/bin/python")
+}
+
+/// A line of /proc/self/status in MiB (VmRSS: now, VmHWM: peak).
+fn vm_mib(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn threads() -> usize {
+    env_usize("RAYON_NUM_THREADS", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The batch.
+
+/// A packed batch, as trainer::data::pack lays it out ([rows × len], segments from 1, 0 = padding).
+struct BatchData {
+    rows: usize,
+    len: usize,
+    input: Vec<u32>,
+    target: Vec<u32>,
+    mask: Vec<f32>,
+    positions: Vec<u32>,
+    segments: Vec<u32>,
+}
+
+/// Deterministic pseudo-random token ids, a few packed examples per row (some rows end in
+/// padding), the loss on the second half of each example.
+fn make_batch(rows: usize, len: usize, vocab: usize) -> BatchData {
+    let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let n = rows * len;
+    let mut b = BatchData {
+        rows,
+        len,
+        input: vec![0; n],
+        target: vec![0; n],
+        mask: vec![0.0; n],
+        positions: vec![0; n],
+        segments: vec![0; n],
+    };
+    for r in 0..rows {
+        let lens: Vec<usize> = match r % 4 {
+            0 => vec![len / 2, len / 4, len / 8],
+            1 => vec![len - len / 8],
+            2 => vec![len / 4, len / 4, len / 4, len / 8],
+            _ => vec![len],
+        };
+        let mut at = r * len;
+        for (k, &l) in lens.iter().enumerate() {
+            let ids: Vec<u32> = (0..=l).map(|_| (next() % vocab as u64) as u32).collect();
+            for i in 0..l {
+                b.input[at + i] = ids[i];
+                // The last token's target is the id after it, as if the answer went on.
+                b.target[at + i] = ids[i + 1];
+                b.mask[at + i] = if i >= l / 2 { 1.0 } else { 0.0 };
+                b.positions[at + i] = i as u32;
+                b.segments[at + i] = k as u32 + 1;
+            }
+            at += l;
+        }
+    }
+    b
+}
+
+fn rows_of<T: Clone + serde::Serialize>(v: &[T], len: usize) -> Value {
+    json!(v.chunks(len).map(|c| c.to_vec()).collect::<Vec<_>>())
+}
+
+fn write_batch(b: &BatchData, path: &Path) -> Result<()> {
+    let j = json!({
+        "input": rows_of(&b.input, b.len),
+        "target": rows_of(&b.target, b.len),
+        "mask": rows_of(&b.mask, b.len),
+        "positions": rows_of(&b.positions, b.len),
+        "segments": rows_of(&b.segments, b.len),
+    });
+    std::fs::write(path, serde_json::to_vec(&j)?)?;
+    Ok(())
+}
+
+fn read_batch(path: &Path) -> Result<BatchData> {
+    let j: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    let rows = j["input"].as_array().context("input")?;
+    let (r, len) = (rows.len(), rows[0].as_array().context("input row")?.len());
+    let flat = |k: &str| -> Vec<f64> {
+        j[k].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect()
+    };
+    let u = |k: &str| flat(k).into_iter().map(|x| x as u32).collect::<Vec<u32>>();
+    Ok(BatchData {
+        rows: r,
+        len,
+        input: u("input"),
+        target: u("target"),
+        mask: flat("mask").into_iter().map(|x| x as f32).collect(),
+        positions: u("positions"),
+        segments: u("segments"),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The candle side (runs in a fresh process: this binary with TRAIN_BENCH_WORKER=DIR).
+
+struct Tensors {
+    input: Tensor,
+    target: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    segments: Tensor,
+}
+
+fn tensors(b: &BatchData, dev: &Device) -> Result<Tensors> {
+    let shape = (b.rows, b.len);
+    Ok(Tensors {
+        input: Tensor::from_slice(&b.input, shape, dev)?,
+        target: Tensor::from_slice(&b.target, shape, dev)?,
+        mask: Tensor::from_slice(&b.mask, shape, dev)?,
+        positions: Tensor::from_slice(&b.positions, shape, dev)?,
+        segments: Tensor::from_slice(&b.segments, shape, dev)?,
+    })
+}
+
+fn worker(dir: &Path) -> Result<()> {
+    let steps = env_usize("BENCH_STEPS", 5).max(1);
+    let warmup = env_usize("BENCH_WARMUP", 1).min(steps - 1);
+    let dev = Device::Cpu;
+    let rss_start = vm_mib("VmRSS");
+    let model = Llama::load(&dir.join("model"), DType::F32, &dev)?;
+    let b = read_batch(&dir.join("batch.json"))?;
+    let t = tensors(&b, &dev)?;
+    let real_tokens = b.segments.iter().filter(|s| **s > 0).count();
+    let loss_tokens: f32 = b.mask.iter().sum();
+    let rss_load = vm_mib("VmRSS");
+    let params = model.params();
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let (mut losses, mut step_s, mut fwd_s, mut bwd_s, mut clip_s, mut opt_s) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut rss_fwd = 0.0;
+    let mut rss_bwd = 0.0;
+    for step in 0..steps {
+        // As train.rs: the forward graph lives until the backward is done, then is dropped.
+        let t0 = Instant::now();
+        let mut grads = {
+            let logits = model.forward(&t.input, &t.positions, &t.segments)?;
+            let (sum, _) = masked_cross_entropy(&logits, &t.target, &t.mask)?;
+            let loss = (sum / loss_tokens as f64)?;
+            losses.push(loss.to_scalar::<f32>()? as f64);
+            fwd_s.push(t0.elapsed().as_secs_f64());
+            if step == 0 {
+                rss_fwd = vm_mib("VmRSS");
+            }
+            let t1 = Instant::now();
+            let g = loss.backward()?;
+            bwd_s.push(t1.elapsed().as_secs_f64());
+            if step == 0 {
+                rss_bwd = vm_mib("VmRSS");
+            }
+            g
+        };
+        let t2 = Instant::now();
+        clip_grad_norm(&mut grads, &params, MAX_GRAD_NORM)?;
+        clip_s.push(t2.elapsed().as_secs_f64());
+        let t3 = Instant::now();
+        opt.step(&params, &grads, LR)?;
+        drop(grads);
+        opt_s.push(t3.elapsed().as_secs_f64());
+        step_s.push(t0.elapsed().as_secs_f64());
+        eprintln!("candle step {}: loss {:.6}, {:.2} s", step + 1, losses[step], step_s[step]);
+    }
+    let peak = vm_mib("VmHWM");
+    let timed = &step_s[warmup..];
+    let components = if env_usize("BENCH_PROFILE", 1) != 0 { profile(&model, &t, loss_tokens)? } else { json!({}) };
+    println!(
+        "{}",
+        json!({
+            "impl": "candle 0.10.2",
+            "threads": threads(),
+            "batch": [b.rows, b.len],
+            "tokens": real_tokens,
+            "loss_tokens": loss_tokens,
+            "tokens_per_s": real_tokens as f64 / median(timed),
+            "step_s": median(timed),
+            "forward_s": median(&fwd_s[warmup..]),
+            "backward_s": median(&bwd_s[warmup..]),
+            "clip_s": median(&clip_s[warmup..]),
+            "optimizer_s": median(&opt_s[warmup..]),
+            "peak_rss_mib": peak,
+            "rss_start_mib": rss_start,
+            "rss_after_load_mib": rss_load,
+            "rss_after_forward_mib": rss_fwd,
+            "rss_after_backward_mib": rss_bwd,
+            "losses": losses,
+            "components": components,
+        })
+    );
+    Ok(())
+}
+
+// The model's parts, rebuilt from the same candle ops as trainer/src/model.rs (whose helpers
+// are private), timed forward and backward one at a time with the shapes of the run.
+
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+fn repeat_kv(x: Tensor, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
+}
+
+fn var(t: &Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t.detach().contiguous()?)?)
+}
+
+/// Times the part `f` forward from fresh leaf Vars (copies of `inputs`, made untimed: the
+/// parameters and the activations that flow into the part in the model), then the backward of
+/// its output's sum. Returns the medians over `reps` runs of (forward s, backward s, MiB the
+/// forward graph holds: RSS growth over the forward while its output is alive).
+fn time_part(reps: usize, inputs: &[&Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<(f64, f64, f64)> {
+    let (mut fw, mut bw, mut mem) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let leaves: Vec<Var> = inputs.iter().map(|t| var(t)).collect::<Result<_>>()?;
+        let xs: Vec<Tensor> = leaves.iter().map(|v| v.as_tensor().clone()).collect();
+        let rss0 = vm_mib("VmRSS");
+        let t0 = Instant::now();
+        let out = f(&xs)?;
+        fw.push(t0.elapsed().as_secs_f64());
+        mem.push(vm_mib("VmRSS") - rss0);
+        let loss = out.sum_all()?;
+        let t1 = Instant::now();
+        let g = loss.backward()?;
+        bw.push(t1.elapsed().as_secs_f64());
+        drop(g);
+    }
+    Ok((median(&fw), median(&bw), median(&mem)))
+}
+
+struct MaskedCeOp<'a>(&'a [u32], &'a [f32]);
+
+impl MaskedCeOp<'_> {
+    fn apply(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        logits.apply_op1(fused::MaskedCe { targets: self.0.to_vec(), mask: self.1.to_vec() })
+    }
+}
+
+fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
+    let reps = env_usize("BENCH_PROFILE_REPS", 3);
+    let cfg = model.config();
+    let (b, tt) = t.input.dims2()?;
+    let (nh, nkv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+    let eps = cfg.rms_norm_eps as f64;
+    let p: BTreeMap<String, Var> = model.params().into_iter().collect();
+    let w = |n: &str| p[n].as_tensor().clone();
+    let l0 = |n: &str| w(&format!("model.layers.0.{n}.weight"));
+    let embed = p["model.embed_tokens.weight"].clone();
+    let dev = Device::Cpu;
+
+    // Realistic inputs: the embedded batch, layer 0's normed input, its q/k/v, its scores.
+    let x = embed.as_tensor().index_select(&t.input.flatten_all()?, 0)?.detach(); // [B·T, H]
+    let xn = rms_norm(&x, &l0("input_layernorm"), eps)?.detach();
+    let inv_freq: Vec<f32> = (0..d / 2).map(|j| (1.0 / (cfg.rope_theta as f64).powf((2 * j) as f64 / d as f64)) as f32).collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, 1, d / 2), &dev)?;
+    let freqs = t.positions.to_dtype(DType::F32)?.unsqueeze(2)?.broadcast_mul(&inv_freq)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], 2)?;
+    let (cos, sin) = (emb.cos()?.unsqueeze(1)?, emb.sin()?.unsqueeze(1)?);
+    let bias = {
+        let same = t.segments.unsqueeze(2)?.broadcast_eq(&t.segments.unsqueeze(1)?)?;
+        let causal = Tensor::tril2(tt, DType::U8, &dev)?.broadcast_as((b, tt, tt))?;
+        let zero = Tensor::zeros((b, tt, tt), DType::F32, &dev)?;
+        let neg = Tensor::full(f32::NEG_INFINITY, (b, tt, tt), &dev)?;
+        (same * causal)?.where_cond(&zero, &neg)?.unsqueeze(1)?
+    };
+    let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> { y.reshape((b, tt, n, d))?.transpose(1, 2)?.contiguous() };
+    let q = rope(&heads(linear(&xn, &l0("self_attn.q_proj"))?, nh)?, &cos, &sin)?.detach();
+    let k = rope(&heads(linear(&xn, &l0("self_attn.k_proj"))?, nkv)?, &cos, &sin)?.detach();
+    let v = heads(linear(&xn, &l0("self_attn.v_proj"))?, nkv)?.detach();
+    let rep = nh / nkv;
+    let scores = (q.matmul(&repeat_kv(k.clone(), rep)?.t()?)? / (d as f64).sqrt())?.detach();
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?.detach();
+    let attn_out = probs.matmul(&repeat_kv(v.clone(), rep)?)?.transpose(1, 2)?.reshape((b * tt, nh * d))?.detach();
+    let gate_in = linear(&xn, &l0("mlp.gate_proj"))?.detach();
+    let up_in = linear(&xn, &l0("mlp.up_proj"))?.detach();
+    let hidden_final = rms_norm(&x, &w("model.norm.weight"), eps)?.detach();
+    let logits = linear(&hidden_final, embed.as_tensor())?.reshape((b, tt, cfg.vocab_size))?.detach();
+
+    let mut parts: Vec<(&str, usize, (f64, f64, f64))> = Vec::new();
+    let nl = cfg.num_hidden_layers;
+    eprintln!("candle: timing the model's parts ({reps} runs each)");
+    // Per layer.
+    let (wq, wk, wv, wo) = (l0("self_attn.q_proj"), l0("self_attn.k_proj"), l0("self_attn.v_proj"), l0("self_attn.o_proj"));
+    let (wg, wu, wd) = (l0("mlp.gate_proj"), l0("mlp.up_proj"), l0("mlp.down_proj"));
+    let (q_lin, k_lin, v_lin) = (linear(&xn, &wq)?.detach(), linear(&xn, &wk)?.detach(), linear(&xn, &wv)?.detach());
+    let e = embed.as_tensor();
+    let flat_input = t.input.flatten_all()?;
+    let mut part = |name: &'static str, count: usize, inputs: &[&Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<()> {
+        parts.push((name, count, time_part(reps, inputs, f)?));
+        Ok(())
+    };
+    // Per layer.
+    part("rms_norm (x2 per layer, +1 final)", 2 * nl + 1, &[&x, &l0("input_layernorm")], &|v| Ok(rms_norm(&v[0], &v[1], eps)?))?;
+    part("q/k/v/o projections", nl, &[&xn, &wq, &wk, &wv, &wo], &|v| {
+        let (q, k, vv) = (linear(&v[0], &v[1])?, linear(&v[0], &v[2])?, linear(&v[0], &v[3])?);
+        Ok(((linear(&q, &v[4])?.sum_all()? + k.sum_all()?)? + vv.sum_all()?)?)
+    })?;
+    part("head split + RoPE (q, k) + v split", nl, &[&q_lin, &k_lin, &v_lin], &|v| {
+        let q = rope(&heads(v[0].clone(), nh)?, &cos, &sin)?;
+        let k = rope(&heads(v[1].clone(), nkv)?, &cos, &sin)?;
+        Ok(((q.sum_all()? + k.sum_all()?)? + heads(v[2].clone(), nkv)?.sum_all()?)?)
+    })?;
+    part("repeat_kv + QK^T / sqrt(d)", nl, &[&q, &k], &|v| Ok((v[0].matmul(&repeat_kv(v[1].clone(), rep)?.t()?)? / (d as f64).sqrt())?))?;
+    part("mask add + softmax [B,H,T,T]", nl, &[&scores], &|v| Ok(candle_nn::ops::softmax(&v[0].broadcast_add(&bias)?, D::Minus1)?))?;
+    part("repeat_kv + PV + head merge", nl, &[&probs, &v], &|v| {
+        Ok(v[0].matmul(&repeat_kv(v[1].clone(), rep)?)?.transpose(1, 2)?.reshape((b * tt, nh * d))?)
+    })?;
+    // The SwiGLU product itself is timed below; here a plain sum joins the two branches.
+    part("MLP projections (gate, up, down)", nl, &[&xn, &wg, &wu, &wd], &|v| {
+        Ok(linear(&(linear(&v[0], &v[1])? + linear(&v[0], &v[2])?)?, &v[3])?)
+    })?;
+    part("SwiGLU silu(g)*u", nl, &[&gate_in, &up_in], &|v| Ok((v[0].silu()? * &v[1])?))?;
+    part("residual adds (x2 per layer)", 2 * nl, &[&x, &attn_out], &|v| Ok((&v[0] + &v[1])?))?;
+    // Once per step.
+    part("embedding gather", 1, &[e], &|v| Ok(v[0].index_select(&flat_input, 0)?))?;
+    part("lm_head matmul [B*T,H]x[H,V]", 1, &[&hidden_final, e], &|v| Ok(linear(&v[0], &v[1])?))?;
+    part("masked CE (log_softmax over V)", 1, &[&logits], &|v| {
+        let (sum, _) = masked_cross_entropy(&v[0], &t.target, &t.mask)?;
+        Ok((sum / loss_tokens as f64)?)
+    })?;
+    // What-if: the same two parts as fused custom ops with a backward (checked against the
+    // unfused ones first).
+    let targets = t.target.flatten_all()?.to_vec1::<u32>()?;
+    let mask = t.mask.flatten_all()?.to_vec1::<f32>()?;
+    {
+        let fused_probs = scores.apply_op2(&bias.contiguous()?, fused::MaskedSoftmax)?;
+        let diff = (fused_probs - &probs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let ce = MaskedCeOp(&targets, &mask);
+        let (sum, _) = masked_cross_entropy(&logits, &t.target, &t.mask)?;
+        let fused_sum = ce.apply(&logits)?.sum_all()?;
+        let dl = (sum - fused_sum)?.abs()?.to_scalar::<f32>()?;
+        eprintln!("what-if ops agree with candle's: softmax max |Δ| {diff:.1e}, CE sum |Δ| {dl:.1e}");
+    }
+    part("what-if: fused mask+softmax (1 pass)", nl, &[&scores], &|v| Ok(v[0].apply_op2(&bias.contiguous()?, fused::MaskedSoftmax)?))?;
+    part("what-if: fused masked CE (1 pass)", 1, &[&logits], &|v| Ok((MaskedCeOp(&targets, &mask).apply(&v[0])?.sum_all()? / loss_tokens as f64)?))?;
+    Ok(Value::Array(
+        parts
+            .into_iter()
+            .map(|(name, count, (f, bw, mem))| json!({"part": name, "count": count, "forward_s": f, "backward_s": bw, "held_mib": mem}))
+            .collect(),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// What-if parts: fused CPU ops with a backward, written here as candle custom ops, to measure
+// what fusing would save (they are timed and reported, never used for the training steps).
+
+mod fused {
+    use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+    fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+        let CpuStorage::F32(v) = s else { bail!("{what}: f32 only") };
+        let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: contiguous input only") };
+        Ok(&v[a..b])
+    }
+
+    /// Calls `f(row index, row)` for each `row`-long chunk of `dst`, split over the threads.
+    fn par_rows(dst: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+        let rows = dst.len() / row;
+        let per = rows.div_ceil(super::threads().max(1)).max(1);
+        std::thread::scope(|s| {
+            for (i, chunk) in dst.chunks_mut(per * row).enumerate() {
+                let f = &f;
+                s.spawn(move || {
+                    for (j, r) in chunk.chunks_mut(row).enumerate() {
+                        f(i * per + j, r)
+                    }
+                });
+            }
+        });
+    }
+
+    /// softmax(scores + bias) over the last dim in one pass per row; scores [B, H, T, T],
+    /// bias [B, 1, T, T]. Backward: dS = y ⊙ (g − Σ g ⊙ y), one pass; no grad for the bias.
+    pub struct MaskedSoftmax;
+
+    impl CustomOp2 for MaskedSoftmax {
+        fn name(&self) -> &'static str {
+            "bench-masked-softmax"
+        }
+        fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+            let (x, bias) = (f32s(s1, l1, "scores")?, f32s(s2, l2, "bias")?);
+            let &[_, h, t, n] = l1.dims() else { bail!("scores must be [B, H, T, T]") };
+            let mut y = vec![0f32; x.len()];
+            par_rows(&mut y, n, |r, out| {
+                let (bi, ti) = (r / (h * t), r % t);
+                let src = &x[r * n..(r + 1) * n];
+                let m = &bias[(bi * t + ti) * n..(bi * t + ti + 1) * n];
+                let mut max = f32::NEG_INFINITY;
+                for (o, (a, b)) in out.iter_mut().zip(src.iter().zip(m)) {
+                    *o = a + b;
+                    max = max.max(*o);
+                }
+                let mut sum = 0f32;
+                for o in out.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                for o in out.iter_mut() {
+                    *o *= inv;
+                }
+            });
+            Ok((CpuStorage::F32(y), l1.shape().clone()))
+        }
+        fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            Ok((Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?), None))
+        }
+    }
+
+    struct SoftmaxBwd;
+
+    impl CustomOp2 for SoftmaxBwd {
+        fn name(&self) -> &'static str {
+            "bench-softmax-bwd"
+        }
+        fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+            let (y, g) = (f32s(s1, l1, "y")?, f32s(s2, l2, "grad")?);
+            let n = *l1.dims().last().unwrap();
+            let mut dx = vec![0f32; y.len()];
+            par_rows(&mut dx, n, |r, out| {
+                let (yr, gr) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for (o, (a, b)) in out.iter_mut().zip(yr.iter().zip(gr)) {
+                    *o = a * (b - dot);
+                }
+            });
+            Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        }
+    }
+
+    /// Per-token −log softmax(logits)[target] · mask, [B, T], from logits [B, T, V], without
+    /// keeping log-probabilities; backward: g · mask · (softmax − onehot(target)), one pass per row.
+    pub struct MaskedCe {
+        pub targets: Vec<u32>,
+        pub mask: Vec<f32>,
+    }
+
+    fn row_max_lse(row: &[f32]) -> (f32, f32) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+        (max, sum.ln())
+    }
+
+    impl CustomOp1 for MaskedCe {
+        fn name(&self) -> &'static str {
+            "bench-masked-ce"
+        }
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            let x = f32s(s, l, "logits")?;
+            let &[b, t, v] = l.dims() else { bail!("logits must be [B, T, V]") };
+            let mut out = vec![0f32; b * t];
+            par_rows(&mut out, 1, |r, o| {
+                if self.mask[r] != 0.0 {
+                    let row = &x[r * v..(r + 1) * v];
+                    let (max, lse) = row_max_lse(row);
+                    o[0] = -(row[self.targets[r] as usize] - max - lse) * self.mask[r];
+                }
+            });
+            Ok((CpuStorage::F32(out), Shape::from((b, t))))
+        }
+        fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            let bwd = MaskedCeBwd { targets: self.targets.clone(), mask: self.mask.clone() };
+            Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &bwd)?))
+        }
+    }
+
+    struct MaskedCeBwd {
+        targets: Vec<u32>,
+        mask: Vec<f32>,
+    }
+
+    impl CustomOp2 for MaskedCeBwd {
+        fn name(&self) -> &'static str {
+            "bench-masked-ce-bwd"
+        }
+        fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+            let (x, g) = (f32s(s1, l1, "logits")?, f32s(s2, l2, "grad")?);
+            let v = *l1.dims().last().unwrap();
+            let mut dx = vec![0f32; x.len()];
+            par_rows(&mut dx, v, |r, out| {
+                let w = g[r] * self.mask[r];
+                if w == 0.0 {
+                    return;
+                }
+                let row = &x[r * v..(r + 1) * v];
+                let (max, lse) = row_max_lse(row);
+                for (o, a) in out.iter_mut().zip(row) {
+                    *o = w * (a - max - lse).exp();
+                }
+                out[self.targets[r] as usize] -= w;
+            });
+            Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver.
+
+fn run_json(mut cmd: Command, what: &str) -> Result<Value> {
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot start {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.starts_with('{')).with_context(|| format!("{what} printed no JSON"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn main() -> Result<()> {
+    if let Ok(dir) = std::env::var(WORKER_ENV) {
+        return worker(Path::new(&dir));
+    }
+    let rows = env_usize("BENCH_ROWS", 4);
+    let seq = env_usize("BENCH_SEQ", 512);
+    let steps = env_usize("BENCH_STEPS", 5).max(1);
+    let warmup = env_usize("BENCH_WARMUP", 1).min(steps - 1);
+    let gguf = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        bail!("{} missing: run scripts/fetch-model.sh", gguf.display());
+    }
+
+    // The student, written as an HF folder, and the batch.
+    let dir = tempfile::tempdir()?;
+    let (cfg, student_params) = {
+        let (cfg, tensors) = read_gguf_as_hf(&gguf)?;
+        let model = Llama::from_tensors(cfg, tensors, DType::F32, &Device::Cpu)?.keep_layers(&KEEP)?;
+        let tok = ModelTokenizer::from_metadata(&GgufMetadata::read(&gguf)?)?;
+        write_folder(&dir.path().join("model"), model.config(), &model.named_tensors()?, &tok, None)?;
+        (model.config().clone(), model.num_params())
+    };
+    let batch = make_batch(rows, seq, cfg.vocab_size);
+    write_batch(&batch, &dir.path().join("batch.json"))?;
+    let real: usize = batch.segments.iter().filter(|s| **s > 0).count();
+    let threads = threads();
+    eprintln!(
+        "student: SmolLM2-135M-Instruct layers {KEEP:?}, {:.1} M parameters, f32; batch {rows}×{seq} ({real} non-padding tokens, \
+         {} loss tokens); {steps} steps ({warmup} warmup), {threads} threads",
+        student_params as f64 / 1e6,
+        batch.mask.iter().sum::<f32>()
+    );
+
+    let mut candle = Command::new(std::env::current_exe()?);
+    candle.env(WORKER_ENV, dir.path()).env("RAYON_NUM_THREADS", threads.to_string());
+    let candle = run_json(candle, "the candle worker")?;
+
+    let python = torch_python();
+    let script = repo_root().join("bench/train_torch.py");
+    let mut torch_runs: Vec<Value> = Vec::new();
+    if python.exists() {
+        let variants: &[&str] = if env_usize("BENCH_SDPA", 1) != 0 { &["math", "sdpa"] } else { &["math"] };
+        for (i, attn) in variants.iter().enumerate() {
+            let mut cmd = Command::new(&python);
+            cmd.arg(&script)
+                .arg("--model")
+                .arg(dir.path().join("model"))
+                .arg("--batch")
+                .arg(dir.path().join("batch.json"))
+                .args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()])
+                .args(["--lr", &LR.to_string(), "--max-grad-norm", &MAX_GRAD_NORM.to_string()])
+                .args(["--threads", &threads.to_string(), "--attn", attn]);
+            if i == 0 && env_usize("BENCH_PROFILE", 1) != 0 {
+                cmd.arg("--components");
+            }
+            match run_json(cmd, &format!("bench/train_torch.py --attn {attn}")) {
+                Ok(v) => torch_runs.push(v),
+                Err(e) => eprintln!("PyTorch side ({attn}) failed: {e:#}"),
+            }
+        }
+    } else {
+        eprintln!("PyTorch side skipped: {} missing (run bench/setup-torch.sh, or set TORCH_PYTHON)", python.display());
+    }
+
+    report(&candle, &torch_runs, rows, seq, real, threads);
+    Ok(())
+}
+
+fn report(candle: &Value, torch: &[Value], rows: usize, seq: usize, real: usize, threads: usize) {
+    println!();
+    println!("Training step, SmolLM2-135M-Instruct pruned to 8 layers, f32, batch {rows}×{seq} ({real} non-padding tokens), {threads} threads");
+    println!(
+        "{:<34} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>13}",
+        "implementation", "tokens/s", "step s", "fwd s", "bwd s", "opt s", "peak MiB", "fwd +MiB", "step-1 loss"
+    );
+    let row = |v: &Value| {
+        let opt = f(v, "optimizer_s") + v["clip_s"].as_f64().unwrap_or(0.0);
+        let fwd_mem = f(v, "rss_after_forward_mib") - f(v, "rss_after_load_mib");
+        println!(
+            "{:<34} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>10.0} {:>13.6}",
+            v["impl"].as_str().unwrap_or("?"),
+            f(v, "tokens_per_s"),
+            f(v, "step_s"),
+            f(v, "forward_s"),
+            f(v, "backward_s"),
+            opt,
+            f(v, "peak_rss_mib"),
+            fwd_mem,
+            v["losses"][0].as_f64().unwrap_or(f64::NAN)
+        );
+    };
+    row(candle);
+    for t in torch {
+        row(t);
+    }
+    println!("(fwd +MiB: RSS growth over the first forward = activations kept for the backward)");
+    if let Some(t) = torch.first() {
+        let speed = f(candle, "tokens_per_s") / f(t, "tokens_per_s");
+        let mem = f(candle, "peak_rss_mib") / f(t, "peak_rss_mib");
+        let base = f(t, "rss_after_import_mib");
+        let cuda = f(t, "cuda_libs_rss_mib");
+        let mem_net = (f(candle, "peak_rss_mib") - f(candle, "rss_start_mib")) / (f(t, "peak_rss_mib") - base);
+        let l1 = (candle["losses"][0].as_f64().unwrap_or(f64::NAN) - t["losses"][0].as_f64().unwrap_or(f64::NAN)).abs();
+        println!();
+        println!("against {} (target: tokens/s ≥ 1.0×, peak RSS ≤ 1.0×):", t["impl"].as_str().unwrap_or("torch"));
+        println!("  tokens/s   candle/torch = {speed:.2}×  {}", if speed >= 1.0 { "(met)" } else { "(NOT met)" });
+        println!("  peak RSS   candle/torch = {mem:.2}×  {}", if mem <= 1.0 { "(met)" } else { "(NOT met)" });
+        println!(
+            "  peak RSS above each process's start (torch: after `import torch`, {base:.0} MiB of which {cuda:.0} MiB are CUDA \
+             libraries a CPU build would not load): {mem_net:.2}×"
+        );
+        println!("  step-1 loss |candle − torch| = {l1:.2e}");
+        let n = candle["losses"].as_array().map_or(0, |a| a.len()).min(t["losses"].as_array().map_or(0, |a| a.len()));
+        let worst = (0..n)
+            .map(|i| (candle["losses"][i].as_f64().unwrap() - t["losses"][i].as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        println!("  all {n} steps' losses: max |candle − torch| = {worst:.2e}");
+        for s in torch.iter().skip(1) {
+            println!(
+                "  against {}: tokens/s {:.2}×, peak RSS {:.2}×",
+                s["impl"].as_str().unwrap_or("?"),
+                f(candle, "tokens_per_s") / f(s, "tokens_per_s"),
+                f(candle, "peak_rss_mib") / f(s, "peak_rss_mib")
+            );
+        }
+    }
+    // The part-by-part timings.
+    let parts = candle["components"].as_array().cloned().unwrap_or_default();
+    if parts.is_empty() {
+        return;
+    }
+    let torch_parts: BTreeMap<String, Value> = torch
+        .first()
+        .and_then(|t| t["components"].as_array())
+        .map(|a| a.iter().map(|p| (p["part"].as_str().unwrap_or("").to_string(), p.clone())).collect())
+        .unwrap_or_default();
+    println!();
+    println!("Where a step's time goes (each part timed alone, forward + backward, × its count per step; held: MiB its forward");
+    println!("graph keeps for the backward, once):");
+    println!(
+        "{:<38} {:>3} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7}",
+        "part", "×", "candle f", "candle b", "candle", "%step", "torch f", "torch b", "torch", "c/t", "c held", "t held"
+    );
+    let (mut csum, mut tsum) = (0.0, 0.0);
+    let cstep = f(candle, "step_s");
+    let mut whatif = Vec::new();
+    for p in &parts {
+        let name = p["part"].as_str().unwrap_or("?");
+        if name.starts_with("what-if") {
+            whatif.push(p.clone());
+            continue;
+        }
+        let n = p["count"].as_f64().unwrap_or(1.0);
+        let (cf, cb) = (f(p, "forward_s") * n, f(p, "backward_s") * n);
+        csum += cf + cb;
+        let tp = torch_parts.get(name);
+        let (tf, tb) = tp.map_or((f64::NAN, f64::NAN), |q| (f(q, "forward_s") * n, f(q, "backward_s") * n));
+        if tf.is_finite() {
+            tsum += tf + tb;
+        }
+        println!(
+            "{:<38} {:>3} {:>8.3} {:>8.3} {:>8.3} {:>5.1}% {:>8.3} {:>8.3} {:>8.3} {:>5.2}× {:>7.0} {:>7.0}",
+            name,
+            n,
+            cf,
+            cb,
+            cf + cb,
+            100.0 * (cf + cb) / cstep,
+            tf,
+            tb,
+            tf + tb,
+            (cf + cb) / (tf + tb),
+            f(p, "held_mib"),
+            tp.map_or(f64::NAN, |q| f(q, "held_mib"))
+        );
+    }
+    let c_opt = f(candle, "optimizer_s") + f(candle, "clip_s");
+    let t_opt = torch.first().map_or(f64::NAN, |t| f(t, "optimizer_s"));
+    println!(
+        "{:<38} {:>3} {:>8} {:>8} {:>8.3} {:>5.1}% {:>8} {:>8} {:>8.3} {:>5.2}×",
+        "clip + AdamW (from the run)", 1, "", "", c_opt, 100.0 * c_opt / cstep, "", "", t_opt, c_opt / t_opt
+    );
+    let tstep = torch.first().map_or(f64::NAN, |t| f(t, "step_s"));
+    println!(
+        "{:<38} {:>3} {:>8} {:>8} {:>8.3} {:>5.1}% {:>8} {:>8} {:>8.3}",
+        "sum of parts", "", "", "", csum + c_opt, 100.0 * (csum + c_opt) / cstep, "", "", tsum + t_opt
+    );
+    println!("{:<38} {:>3} {:>8} {:>8} {:>8.3} {:>6} {:>8} {:>8} {:>8.3}", "measured step", "", "", "", cstep, "", "", "", tstep);
+    if !whatif.is_empty() {
+        println!();
+        println!("What-if (candle custom ops with a backward, in this bench): the same part fused");
+        for p in &whatif {
+            let name = p["part"].as_str().unwrap_or("?");
+            let base_name = if name.contains("softmax") { "mask add + softmax [B,H,T,T]" } else { "masked CE (log_softmax over V)" };
+            let Some(base) = parts.iter().find(|q| q["part"] == base_name) else { continue };
+            let n = p["count"].as_f64().unwrap_or(1.0);
+            let now = (f(base, "forward_s") + f(base, "backward_s")) * n;
+            let then = (f(p, "forward_s") + f(p, "backward_s")) * n;
+            println!(
+                "  {name}: {then:.3} s per step instead of {now:.3} s (saves {:.3} s = {:.1}% of the step); holds {:.0} MiB instead of {:.0} MiB (×{n})",
+                now - then,
+                100.0 * (now - then) / cstep,
+                f(p, "held_mib"),
+                f(base, "held_mib")
+            );
+        }
+    }
+}
