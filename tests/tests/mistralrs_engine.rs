@@ -79,7 +79,8 @@ async fn unsupported_architectures_and_loader_panics_leave_the_server_up() {
         teachers.as_array().unwrap().iter().find(|x| x["name"] == n).unwrap()["error"].as_str().unwrap_or_default().to_string()
     };
     assert!(error("gemma").contains("architecture `gemma3` is supported neither"), "{teachers}");
-    assert!(error("qwen").contains("mistralrs"), "{teachers}");
+    // mistralrs indexes a missing metadata key and panics; the panic is caught at load.
+    assert!(error("qwen").contains("mistralrs panicked while loading"), "{teachers}");
     eprintln!("qwen2 load error: {}", error("qwen"));
     let set = t.prompt_set("x", &["hi".to_string()]).await;
     for name in ["gemma", "qwen"] {
