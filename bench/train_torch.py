@@ -18,16 +18,21 @@ fused CPU kernel); the default, math, is the op-for-op twin of the candle model.
 
 Prints one JSON line: tokens_per_s (non-padding input tokens, i.e. segment id > 0, per second;
 median over the steps after the warmup ones), step_s, forward_s / backward_s / optimizer_s
-(medians; optimizer_s includes clipping), peak_rss_mib (VmHWM of the steps, before any
+(medians; optimizer_s includes clipping), user_cpu_s / sys_cpu_s / minor_faults (per step,
+medians), peak_rss_mib (VmHWM of the steps, before any
 --components; ru_maxrss would carry the parent's peak over exec), rss_after_import_mib,
 cuda_libs_rss_mib (resident CUDA libraries that PyPI's CUDA build maps at import),
-rss_after_load_mib, rss_after_forward_mib / rss_after_backward_mib (step 1), losses (every
+rss_after_load_mib, rss_after_forward_mib / rss_after_backward_mib (step 1), heap_*_mib (the
+same points, in malloc'd MiB: glibc mallinfo2, which falls when memory is freed), losses (every
 step's loss, before its update), components (with --components: forward/backward seconds of
 each part of the model timed alone, as trainer/benches/train.rs does on the candle side).
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import math
+import resource
 import statistics
 import sys
 import time
@@ -43,6 +48,21 @@ def vm_kib(key):
 
 def mib(key):
     return vm_kib(key) / 1024.0
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"))
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def heap_mib():
+    """MiB malloc'd and not freed (glibc mallinfo2: heap + mmapped chunks); torch's CPU
+    allocator is malloc, and trainer/benches/train.rs reads the same counter."""
+    m = _libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / (1024.0 * 1024.0)
 
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,6 +86,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 torch.set_num_threads(args.threads)
 rss_after_import = mib("VmRSS")
+heap_after_import = heap_mib()
 
 with open(f"{args.model}/config.json") as f:
     cfg = json.load(f)
@@ -79,7 +100,9 @@ TIED = cfg.get("tie_word_embeddings", False)
 V = cfg["vocab_size"]
 
 weights = load_file(f"{args.model}/model.safetensors")
-params = {n: torch.nn.Parameter(t.float().contiguous()) for n, t in sorted(weights.items())}
+# Copied out of the file mapping safetensors returns, so that the weights are malloc'd memory
+# as on the candle side (the heap_* figures then compare like with like).
+params = {n: torch.nn.Parameter(t.float().clone()) for n, t in sorted(weights.items())}
 del weights
 if TIED:
     params.pop("lm_head.weight", None)
@@ -106,6 +129,7 @@ B, T = inp.shape
 real_tokens = int((seg > 0).sum())
 loss_tokens = float(mask.sum())
 rss_after_load = mib("VmRSS")
+heap_after_load = heap_mib()
 
 
 def rms_norm(x, w):
@@ -195,22 +219,32 @@ opt = torch.optim.AdamW(
 )
 
 losses, step_s, fwd_s, bwd_s, opt_s = [], [], [], [], []
-rss_after_forward = rss_after_backward = 0.0
+user_s, sys_s, faults = [], [], []
+rss_after_forward = rss_after_backward = heap_after_forward = heap_after_backward = heap_after_step = 0.0
 for step in range(args.steps):
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     loss = masked_ce_mean(forward())
     t1 = time.perf_counter()
     if step == 0:
         rss_after_forward = mib("VmRSS")
+        heap_after_forward = heap_mib()
     loss.backward()
     t2 = time.perf_counter()
     if step == 0:
         rss_after_backward = mib("VmRSS")
+        heap_after_backward = heap_mib()
     if args.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(plist, args.max_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    user_s.append(r1.ru_utime - r0.ru_utime)
+    sys_s.append(r1.ru_stime - r0.ru_stime)
+    faults.append(r1.ru_minflt - r0.ru_minflt)
+    if step == 0:
+        heap_after_step = heap_mib()
     losses.append(loss.item())
     step_s.append(t3 - t0)
     fwd_s.append(t1 - t0)
@@ -237,15 +271,15 @@ def cuda_libs_rss():
 def time_part(inputs, fn, reps):
     """Times fn(*leaves) forward, the leaves being fresh copies of `inputs` (made untimed), then
     the backward of its output's sum; returns the medians (forward s, backward s, MiB the
-    forward graph holds: RSS growth over the forward while its output is alive)."""
+    forward graph holds: malloc'd memory growth over the forward, its output included)."""
     fw, bw, held = [], [], []
     for _ in range(reps):
         leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-        rss0 = mib("VmRSS")
+        heap0 = heap_mib()
         t0 = time.perf_counter()
         out = fn(*leaves)
         fw.append(time.perf_counter() - t0)
-        held.append(mib("VmRSS") - rss0)
+        held.append(heap_mib() - heap0)
         s = out.sum()
         t1 = time.perf_counter()
         s.backward()
@@ -343,12 +377,20 @@ print(
             "forward_s": med(fwd_s),
             "backward_s": med(bwd_s),
             "optimizer_s": med(opt_s),
+            "user_cpu_s": med(user_s),
+            "sys_cpu_s": med(sys_s),
+            "minor_faults": med(faults),
             "peak_rss_mib": peak_rss,
             "rss_after_import_mib": rss_after_import,
             "cuda_libs_rss_mib": cuda_libs_rss(),
             "rss_after_load_mib": rss_after_load,
             "rss_after_forward_mib": rss_after_forward,
             "rss_after_backward_mib": rss_after_backward,
+            "heap_start_mib": heap_after_import,
+            "heap_after_load_mib": heap_after_load,
+            "heap_after_forward_mib": heap_after_forward,
+            "heap_after_backward_mib": heap_after_backward,
+            "heap_after_step_mib": heap_after_step,
             "losses": losses,
             "components": parts,
         }

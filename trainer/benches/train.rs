@@ -15,8 +15,10 @@
 //!
 //! Env: BENCH_STEPS (5), BENCH_WARMUP (1), BENCH_ROWS (4), BENCH_SEQ (512), BENCH_PROFILE
 //! (1; 0 skips the per-part timings), BENCH_SDPA (1; 0 skips the extra PyTorch run with
-//! F.scaled_dot_product_attention), TORCH_PYTHON (default: the venv's python),
-//! RAYON_NUM_THREADS (candle's matmul threads; default: all cores; PyTorch gets the same count).
+//! F.scaled_dot_product_attention), BENCH_DIR (keep the model folder and batch there),
+//! BENCH_WORKER_ENV (extra NAME=VALUE,... for both sides' processes, e.g. malloc tunables),
+//! TORCH_PYTHON (default: the venv's python), RAYON_NUM_THREADS (candle's matmul threads;
+//! default: all cores; PyTorch gets the same count).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,27 @@ fn vm_mib(key: &str) -> f64 {
         .and_then(|v| v.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// MiB of memory allocated through malloc and not yet freed (heap + mmapped chunks): unlike
+/// RSS, it drops as soon as a tensor is freed and rises by exactly what is allocated. The
+/// PyTorch script reads the same counter (its CPU allocator is malloc too).
+fn heap_mib() -> f64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics (glibc >= 2.33).
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as f64 / (1024.0 * 1024.0)
+}
+
+/// (user CPU s, system CPU s, minor page faults) of this process so far, all threads: the
+/// same getrusage(RUSAGE_SELF) the PyTorch script reads through Python's `resource`.
+fn cpu_and_faults() -> (f64, f64, f64) {
+    // SAFETY: getrusage writes into the zeroed struct we own and reads nothing else.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) } != 0 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    (secs(r.ru_utime), secs(r.ru_stime), r.ru_minflt as f64)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -198,19 +221,22 @@ fn worker(dir: &Path) -> Result<()> {
     let warmup = env_usize("BENCH_WARMUP", 1).min(steps - 1);
     let dev = Device::Cpu;
     let rss_start = vm_mib("VmRSS");
+    let heap_start = heap_mib();
     let model = Llama::load(&dir.join("model"), DType::F32, &dev)?;
     let b = read_batch(&dir.join("batch.json"))?;
     let t = tensors(&b, &dev)?;
     let real_tokens = b.segments.iter().filter(|s| **s > 0).count();
     let loss_tokens: f32 = b.mask.iter().sum();
     let rss_load = vm_mib("VmRSS");
+    let heap_load = heap_mib();
     let params = model.params();
     let mut opt = AdamW::new(AdamWConfig::default());
     let (mut losses, mut step_s, mut fwd_s, mut bwd_s, mut clip_s, mut opt_s) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut rss_fwd = 0.0;
-    let mut rss_bwd = 0.0;
+    let (mut user_s, mut sys_s, mut faults) = (vec![], vec![], vec![]);
+    let (mut rss_fwd, mut rss_bwd, mut heap_fwd, mut heap_bwd, mut heap_after) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for step in 0..steps {
         // As train.rs: the forward graph lives until the backward is done, then is dropped.
+        let c0 = cpu_and_faults();
         let t0 = Instant::now();
         let mut grads = {
             let logits = model.forward(&t.input, &t.positions, &t.segments)?;
@@ -220,12 +246,14 @@ fn worker(dir: &Path) -> Result<()> {
             fwd_s.push(t0.elapsed().as_secs_f64());
             if step == 0 {
                 rss_fwd = vm_mib("VmRSS");
+                heap_fwd = heap_mib();
             }
             let t1 = Instant::now();
             let g = loss.backward()?;
             bwd_s.push(t1.elapsed().as_secs_f64());
             if step == 0 {
                 rss_bwd = vm_mib("VmRSS");
+                heap_bwd = heap_mib();
             }
             g
         };
@@ -237,6 +265,13 @@ fn worker(dir: &Path) -> Result<()> {
         drop(grads);
         opt_s.push(t3.elapsed().as_secs_f64());
         step_s.push(t0.elapsed().as_secs_f64());
+        let c1 = cpu_and_faults();
+        user_s.push(c1.0 - c0.0);
+        sys_s.push(c1.1 - c0.1);
+        faults.push(c1.2 - c0.2);
+        if step == 0 {
+            heap_after = heap_mib();
+        }
         eprintln!("candle step {}: loss {:.6}, {:.2} s", step + 1, losses[step], step_s[step]);
     }
     let peak = vm_mib("VmHWM");
@@ -256,11 +291,19 @@ fn worker(dir: &Path) -> Result<()> {
             "backward_s": median(&bwd_s[warmup..]),
             "clip_s": median(&clip_s[warmup..]),
             "optimizer_s": median(&opt_s[warmup..]),
+            "user_cpu_s": median(&user_s[warmup..]),
+            "sys_cpu_s": median(&sys_s[warmup..]),
+            "minor_faults": median(&faults[warmup..]),
             "peak_rss_mib": peak,
             "rss_start_mib": rss_start,
             "rss_after_load_mib": rss_load,
             "rss_after_forward_mib": rss_fwd,
             "rss_after_backward_mib": rss_bwd,
+            "heap_start_mib": heap_start,
+            "heap_after_load_mib": heap_load,
+            "heap_after_forward_mib": heap_fwd,
+            "heap_after_backward_mib": heap_bwd,
+            "heap_after_step_mib": heap_after,
             "losses": losses,
             "components": components,
         })
@@ -303,17 +346,17 @@ fn var(t: &Tensor) -> Result<Var> {
 /// Times the part `f` forward from fresh leaf Vars (copies of `inputs`, made untimed: the
 /// parameters and the activations that flow into the part in the model), then the backward of
 /// its output's sum. Returns the medians over `reps` runs of (forward s, backward s, MiB the
-/// forward graph holds: RSS growth over the forward while its output is alive).
+/// forward graph holds: malloc'd memory growth over the forward, its output included).
 fn time_part(reps: usize, inputs: &[&Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<(f64, f64, f64)> {
     let (mut fw, mut bw, mut mem) = (vec![], vec![], vec![]);
     for _ in 0..reps {
         let leaves: Vec<Var> = inputs.iter().map(|t| var(t)).collect::<Result<_>>()?;
         let xs: Vec<Tensor> = leaves.iter().map(|v| v.as_tensor().clone()).collect();
-        let rss0 = vm_mib("VmRSS");
+        let heap0 = heap_mib();
         let t0 = Instant::now();
         let out = f(&xs)?;
         fw.push(t0.elapsed().as_secs_f64());
-        mem.push(vm_mib("VmRSS") - rss0);
+        mem.push(heap_mib() - heap0);
         let loss = out.sum_all()?;
         let t1 = Instant::now();
         let g = loss.backward()?;
@@ -621,16 +664,21 @@ fn main() -> Result<()> {
     }
 
     // The student, written as an HF folder, and the batch.
-    let dir = tempfile::tempdir()?;
+    // BENCH_DIR keeps the folder and batch (to rerun one side by hand: TRAIN_BENCH_WORKER=DIR
+    // for candle, bench/train_torch.py --model DIR/model --batch DIR/batch.json for PyTorch).
+    let tmp = tempfile::tempdir()?;
+    let dir_path = std::env::var("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|_| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir_path)?;
+    let dir = dir_path.as_path();
     let (cfg, student_params) = {
         let (cfg, tensors) = read_gguf_as_hf(&gguf)?;
         let model = Llama::from_tensors(cfg, tensors, DType::F32, &Device::Cpu)?.keep_layers(&KEEP)?;
         let tok = ModelTokenizer::from_metadata(&GgufMetadata::read(&gguf)?)?;
-        write_folder(&dir.path().join("model"), model.config(), &model.named_tensors()?, &tok, None)?;
+        write_folder(&dir.join("model"), model.config(), &model.named_tensors()?, &tok, None)?;
         (model.config().clone(), model.num_params())
     };
     let batch = make_batch(rows, seq, cfg.vocab_size);
-    write_batch(&batch, &dir.path().join("batch.json"))?;
+    write_batch(&batch, &dir.join("batch.json"))?;
     let real: usize = batch.segments.iter().filter(|s| **s > 0).count();
     let threads = threads();
     eprintln!(
@@ -640,8 +688,13 @@ fn main() -> Result<()> {
         batch.mask.iter().sum::<f32>()
     );
 
+    let extra_env: Vec<(String, String)> = std::env::var("BENCH_WORKER_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect();
     let mut candle = Command::new(std::env::current_exe()?);
-    candle.env(WORKER_ENV, dir.path()).env("RAYON_NUM_THREADS", threads.to_string());
+    candle.env(WORKER_ENV, dir).env("RAYON_NUM_THREADS", threads.to_string()).envs(extra_env.iter().cloned());
     let candle = run_json(candle, "the candle worker")?;
 
     let python = torch_python();
@@ -651,11 +704,11 @@ fn main() -> Result<()> {
         let variants: &[&str] = if env_usize("BENCH_SDPA", 1) != 0 { &["math", "sdpa"] } else { &["math"] };
         for (i, attn) in variants.iter().enumerate() {
             let mut cmd = Command::new(&python);
-            cmd.arg(&script)
+            cmd.envs(extra_env.iter().cloned()).arg(&script)
                 .arg("--model")
-                .arg(dir.path().join("model"))
+                .arg(dir.join("model"))
                 .arg("--batch")
-                .arg(dir.path().join("batch.json"))
+                .arg(dir.join("batch.json"))
                 .args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()])
                 .args(["--lr", &LR.to_string(), "--max-grad-norm", &MAX_GRAD_NORM.to_string()])
                 .args(["--threads", &threads.to_string(), "--attn", attn]);
@@ -671,6 +724,9 @@ fn main() -> Result<()> {
         eprintln!("PyTorch side skipped: {} missing (run bench/setup-torch.sh, or set TORCH_PYTHON)", python.display());
     }
 
+    if !extra_env.is_empty() {
+        println!("\n(both sides ran with BENCH_WORKER_ENV: {extra_env:?})");
+    }
     report(&candle, &torch_runs, rows, seq, real, threads);
     Ok(())
 }
@@ -684,7 +740,7 @@ fn report(candle: &Value, torch: &[Value], rows: usize, seq: usize, real: usize,
     );
     let row = |v: &Value| {
         let opt = f(v, "optimizer_s") + v["clip_s"].as_f64().unwrap_or(0.0);
-        let fwd_mem = f(v, "rss_after_forward_mib") - f(v, "rss_after_load_mib");
+        let fwd_mem = f(v, "heap_after_forward_mib") - f(v, "heap_after_load_mib");
         println!(
             "{:<34} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>10.0} {:>13.6}",
             v["impl"].as_str().unwrap_or("?"),
@@ -702,7 +758,38 @@ fn report(candle: &Value, torch: &[Value], rows: usize, seq: usize, real: usize,
     for t in torch {
         row(t);
     }
-    println!("(fwd +MiB: RSS growth over the first forward = activations kept for the backward)");
+    println!("(fwd +MiB: memory allocated by the first forward and still held = activations kept for the backward)");
+    println!();
+    println!("Memory, MiB (malloc'd = glibc mallinfo2: allocated and not yet freed, above the process's own at its start)");
+    let mut sides: Vec<&Value> = vec![candle];
+    sides.extend(torch.iter());
+    let mem_row = |label: &str, g: &dyn Fn(&Value) -> f64| {
+        print!("  {label:<52}");
+        for v in &sides {
+            print!(" {:>10.0}", g(v));
+        }
+        println!();
+    };
+    print!("  {:<52}", "");
+    for v in &sides {
+        let name = v["impl"].as_str().unwrap_or("?");
+        print!(" {:>10}", if name.starts_with("candle") { "candle" } else if name.contains("sdpa") { "torch sdpa" } else { "torch" });
+    }
+    println!();
+    mem_row("RSS at start (torch: after `import torch`)", &|v| {
+        if v["rss_after_import_mib"].is_number() { f(v, "rss_after_import_mib") } else { f(v, "rss_start_mib") }
+    });
+    mem_row("  of which CUDA libraries (PyPI's CUDA build)", &|v| v["cuda_libs_rss_mib"].as_f64().unwrap_or(0.0));
+    mem_row("RSS after loading the model and batch", &|v| f(v, "rss_after_load_mib"));
+    mem_row("malloc'd after loading", &|v| f(v, "heap_after_load_mib") - f(v, "heap_start_mib"));
+    mem_row("malloc'd after step 1's forward", &|v| f(v, "heap_after_forward_mib") - f(v, "heap_start_mib"));
+    mem_row("malloc'd after step 1's backward (candle: + graph)", &|v| f(v, "heap_after_backward_mib") - f(v, "heap_start_mib"));
+    mem_row("malloc'd after step 1 (weights + AdamW m, v)", &|v| f(v, "heap_after_step_mib") - f(v, "heap_start_mib"));
+    mem_row("peak RSS (VmHWM)", &|v| f(v, "peak_rss_mib"));
+    println!("Per step (median): CPU seconds (both threads) and page faults");
+    mem_row("user CPU s", &|v| f(v, "user_cpu_s"));
+    mem_row("system CPU s (page faults: zeroing fresh memory)", &|v| f(v, "sys_cpu_s"));
+    mem_row("minor page faults, thousands", &|v| f(v, "minor_faults") / 1000.0);
     if let Some(t) = torch.first() {
         let speed = f(candle, "tokens_per_s") / f(t, "tokens_per_s");
         let mem = f(candle, "peak_rss_mib") / f(t, "peak_rss_mib");
@@ -795,6 +882,12 @@ fn report(candle: &Value, torch: &[Value], rows: usize, seq: usize, real: usize,
         "sum of parts", "", "", "", csum + c_opt, 100.0 * (csum + c_opt) / cstep, "", "", tsum + t_opt
     );
     println!("{:<38} {:>3} {:>8} {:>8} {:>8.3} {:>6} {:>8} {:>8} {:>8.3}", "measured step", "", "", "", cstep, "", "", "", tstep);
+    println!(
+        "(candle: clip {:.3} s + AdamW {:.3} s; the step's time the parts do not account for is the whole graph's extra: gradient \
+         accumulation where a tensor feeds several ops, bigger working set)",
+        f(candle, "clip_s"),
+        f(candle, "optimizer_s")
+    );
     if !whatif.is_empty() {
         println!();
         println!("What-if (candle custom ops with a backward, in this bench): the same part fused");
