@@ -11,6 +11,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
+/// Re-exported: a teacher setting, parsed from the command line and the TOML file.
+pub use crate::engine::llama::Precision;
+
 /// Knowledge-distillation generation server: submit prompt sets over REST, run greedy
 /// generation jobs against a teacher, get every answer recorded durably in SQLite.
 #[derive(Debug, Parser)]
@@ -44,6 +47,12 @@ pub struct Cli {
     /// Llama-family models, mistralrs for other GGUF architectures), `native` or `mistralrs`.
     #[arg(long = "local-engine", value_name = "NAME=ENGINE")]
     pub local_engines: Vec<String>,
+
+    /// Arithmetic of a local teacher on the native engine, as NAME=PRECISION: `quantized`
+    /// (default: llama.cpp's, weights as in the file, 8-bit activations) or `f32` (weights
+    /// dequantized at load: the model's exact distribution, ~4x the memory, slower).
+    #[arg(long = "local-precision", value_name = "NAME=PRECISION")]
+    pub local_precisions: Vec<String>,
 
     /// Bearer token required on every /v1 call and /metrics (env DISTILL_API_TOKEN).
     #[arg(long, value_name = "TOKEN", env = "DISTILL_API_TOKEN", hide_env_values = true)]
@@ -131,6 +140,28 @@ pub struct FileTeacherTable {
     pub chat_template: Option<PathBuf>,
     /// Engine for a local teacher: auto, native or mistralrs.
     pub engine: Option<String>,
+    /// Arithmetic of a local teacher on the native engine: quantized or f32.
+    pub precision: Option<String>,
+}
+
+/// Applies `flag NAME=VALUE` arguments to the teachers they name.
+fn per_teacher(
+    teachers: &mut [TeacherSettings],
+    flag: &str,
+    example: &str,
+    args: &[String],
+    apply: impl Fn(&mut TeacherSettings, &str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    for arg in args {
+        let Some((name, value)) = arg.split_once('=') else {
+            bail!("{flag} `{arg}` must be NAME=VALUE, e.g. {flag} {example}");
+        };
+        let t = teachers.iter_mut().find(|t| t.name == name).with_context(|| {
+            format!("{flag} names teacher `{name}`, but no --teacher {name}=... is configured")
+        })?;
+        apply(t, value).with_context(|| format!("{flag} `{arg}`"))?;
+    }
+    Ok(())
 }
 
 /// Which engine runs a local teacher.
@@ -228,6 +259,8 @@ pub struct TeacherSettings {
     pub chat_template: Option<PathBuf>,
     /// Engine of a local teacher.
     pub local_engine: LocalEngine,
+    /// Arithmetic of a local teacher on the native engine.
+    pub local_precision: Precision,
 }
 
 impl std::fmt::Debug for TeacherSettings {
@@ -243,6 +276,7 @@ impl std::fmt::Debug for TeacherSettings {
             .field("max_retries", &self.max_retries)
             .field("chat_template", &self.chat_template)
             .field("local_engine", &self.local_engine)
+            .field("local_precision", &self.local_precision)
             .finish()
     }
 }
@@ -318,6 +352,7 @@ impl Settings {
             max_retries: 6,
             chat_template: None,
             local_engine: LocalEngine::Auto,
+            local_precision: Precision::Quantized,
         }
     }
 
@@ -370,6 +405,9 @@ impl Settings {
                     if let Some(e) = &tab.engine {
                         t.local_engine = e.parse().with_context(|| format!("teacher `{name}`: engine"))?;
                     }
+                    if let Some(p) = &tab.precision {
+                        t.local_precision = p.parse().with_context(|| format!("teacher `{name}`: precision"))?;
+                    }
                     t
                 }
             };
@@ -383,24 +421,18 @@ impl Settings {
             teachers.retain(|old| old.name != t.name);
             teachers.push(t);
         }
-        for arg in &cli.chat_templates {
-            let Some((name, file)) = arg.split_once('=') else {
-                bail!("--chat-template `{arg}` must be NAME=FILE, e.g. --chat-template smol=prompts/templates/chatml.j2");
-            };
-            let t = teachers.iter_mut().find(|t| t.name == name).with_context(|| {
-                format!("--chat-template names teacher `{name}`, but no --teacher {name}=... is configured")
-            })?;
+        per_teacher(&mut teachers, "--chat-template", "smol=prompts/templates/chatml.j2", &cli.chat_templates, |t, file| {
             t.chat_template = Some(PathBuf::from(file));
-        }
-        for arg in &cli.local_engines {
-            let Some((name, engine)) = arg.split_once('=') else {
-                bail!("--local-engine `{arg}` must be NAME=ENGINE, e.g. --local-engine smol=mistralrs");
-            };
-            let t = teachers.iter_mut().find(|t| t.name == name).with_context(|| {
-                format!("--local-engine names teacher `{name}`, but no --teacher {name}=... is configured")
-            })?;
-            t.local_engine = engine.parse().with_context(|| format!("--local-engine `{arg}`"))?;
-        }
+            Ok(())
+        })?;
+        per_teacher(&mut teachers, "--local-engine", "smol=mistralrs", &cli.local_engines, |t, v| {
+            t.local_engine = v.parse()?;
+            Ok(())
+        })?;
+        per_teacher(&mut teachers, "--local-precision", "smol=f32", &cli.local_precisions, |t, v| {
+            t.local_precision = v.parse()?;
+            Ok(())
+        })?;
         for t in &teachers {
             if t.max_in_flight == 0 || t.max_in_flight > 4096 {
                 bail!("teacher `{}`: max_in_flight must be 1..=4096", t.name);

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use distill_tests::harness::{repo_root, smollm2_gguf};
-use server::engine::llama::{argmax, Chunk, KvCache, Llama};
+use server::engine::llama::{argmax, Chunk, KvCache, Llama, Precision};
 
 const MAX_NEW: usize = 128;
 
@@ -119,7 +119,7 @@ fn main() {
 }
 
 fn bench(threads: usize, reps: usize) {
-    let model = Llama::load(&smollm2_gguf()).unwrap();
+    let model = Llama::load(&smollm2_gguf(), Precision::Quantized).unwrap();
     let four = prompts(4);
     let eight = prompts(8);
     let (mut seq, mut conc, mut base) = (Vec::new(), Vec::new(), Vec::new());

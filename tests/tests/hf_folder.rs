@@ -8,7 +8,7 @@ use std::time::Duration;
 use distill_tests::harness::{smollm2_greedy_fixtures, smollm2_gguf, TestApp};
 use serde_json::{json, Value};
 use server::config::{Settings, TeacherSpec};
-use server::engine::llama::{argmax, Chunk, KvCache, Llama};
+use server::engine::llama::{argmax, Chunk, KvCache, Llama, Precision};
 use server::model::gguf::GgufMetadata;
 use server::model::hf::{read_gguf_as_hf, write_folder, HfFolder};
 use server::model::tokenizer::ModelTokenizer;
@@ -48,8 +48,8 @@ fn hf_folder_matches_the_gguf_tokenizer_template_and_argmax() {
     }
     // Teacher forcing on llama.cpp's answers: the folder's model (Q8_0 from f32 dequantized
     // Q4_1) picks the same tokens as the GGUF on the native engine nearly everywhere.
-    let hf = Llama::load_hf(&folder).unwrap();
-    let gg = Llama::load(&smollm2_gguf()).unwrap();
+    let hf = Llama::load_hf(&folder, Precision::Quantized).unwrap();
+    let gg = Llama::load(&smollm2_gguf(), Precision::Quantized).unwrap();
     assert_eq!(hf.cfg, gg.cfg);
     let (mut same, mut vs_llama_cpp, mut total) = (0, 0, 0);
     for f in fx.iter().take(12) {

@@ -3,7 +3,7 @@
 
 use distill_tests::harness::{smollm2_greedy_fixtures, smollm2_gguf};
 use serde_json::Value;
-use server::engine::llama::{argmax, Chunk, KvCache, Llama};
+use server::engine::llama::{argmax, Chunk, KvCache, Llama, Precision};
 
 fn fixtures() -> Vec<Value> {
     smollm2_greedy_fixtures()
@@ -15,7 +15,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn teacher_forced_argmax_agrees_with_llama_cpp() {
-    let model = Llama::load(&smollm2_gguf()).unwrap();
+    let model = Llama::load(&smollm2_gguf(), Precision::Quantized).unwrap();
     let mut agree = 0;
     let mut total = 0;
     let mut near_tie_misses = 0;
@@ -53,7 +53,7 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
 
 #[test]
 fn batched_and_incremental_decoding_give_the_same_logits() {
-    let model = Llama::load(&smollm2_gguf()).unwrap();
+    let model = Llama::load(&smollm2_gguf(), Precision::Quantized).unwrap();
     let fx = fixtures();
     let a = ids(&fx[0]["prompt_ids"]);
     let b = ids(&fx[1]["prompt_ids"]);
@@ -79,7 +79,7 @@ fn batched_and_incremental_decoding_give_the_same_logits() {
 #[test]
 fn a_panic_inside_the_engine_fails_only_its_request() {
     use server::engine::scheduler::{Job, Scheduler};
-    let model = Llama::load(&smollm2_gguf()).unwrap();
+    let model = Llama::load(&smollm2_gguf(), Precision::Quantized).unwrap();
     let sched = Scheduler::start(model, 4);
     let prompt = ids(&fixtures()[0]["prompt_ids"]);
     let submit = |stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>| {

@@ -347,31 +347,38 @@ fn cross_entropy_is_masked_and_stable() {
     assert!((sum.to_scalar::<f32>().unwrap()).abs() < 1e-3);
 }
 
+/// Logits of every position of `tokens` from the server's native engine.
+fn engine_logits(path: &std::path::Path, precision: server::engine::llama::Precision, tokens: &[u32]) -> Vec<f32> {
+    use server::engine::llama::{Chunk, KvCache, Llama as Engine};
+    let engine = Engine::load(path, precision).unwrap();
+    let mut cache = KvCache::new(&engine.cfg);
+    let mut chunks = [Chunk { cache: &mut cache, tokens, all_logits: true }];
+    engine.forward(&mut chunks).unwrap().remove(0)
+}
+
 /// The real SmolLM2-135M checkpoint (GGUF dequantized to f32) against the server's native
-/// engine, an independent implementation (GGUF row order, ggml-style RoPE, Q8 activations and
-/// f16 attention, hence a few tenths of a logit of noise): same next-token argmax almost
-/// everywhere and close logits. This catches a wrong RoPE convention or Q/K row order, which
-/// the self-consistent gradient check cannot; the control (RoPE disabled by zero positions)
-/// shows the comparison is sharp enough to notice.
+/// engine, an independent implementation (GGUF row order, ggml-style RoPE). In f32 the two
+/// give the same logits to float rounding; in the engine's default arithmetic (Q8
+/// activations, f16 attention) a few tenths of a logit of noise. This catches a wrong RoPE
+/// convention or Q/K row order, which the self-consistent gradient check cannot; the control
+/// (RoPE disabled by zero positions) shows the comparison is sharp enough to notice.
 #[test]
 fn gguf_logits_match_server_engine() {
+    use server::engine::llama::Precision;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {
         eprintln!("skipped: {} is not present", path.display());
         return;
     }
     let tokens: Vec<u32> = vec![1, 504, 3458, 282, 4649, 314, 3767, 30, 378, 2014, 314, 253, 1345, 282, 28, 1092];
-    let engine = server::engine::llama::Llama::load(&path).unwrap();
-    let mut cache = server::engine::llama::KvCache::new(&engine.cfg);
-    let mut chunks = [server::engine::llama::Chunk { cache: &mut cache, tokens: &tokens, all_logits: true }];
-    let theirs = engine.forward(&mut chunks).unwrap().remove(0);
-    drop(engine);
+    let quantized = engine_logits(&path, Precision::Quantized, &tokens);
+    let exact = engine_logits(&path, Precision::F32, &tokens);
 
     let student = Llama::load(&path, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(student.config().num_hidden_layers, 30);
     let vocab = student.config().vocab_size;
-    assert_eq!(theirs.len(), tokens.len() * vocab);
-    let compare = |logits: Tensor| -> (usize, f32, f32) {
+    assert_eq!(quantized.len(), tokens.len() * vocab);
+    let compare = |logits: &Tensor, theirs: &[f32]| -> (usize, f32, f32) {
         let rows: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
         let (mut agree, mut worst, mut spread) = (0, 0f32, 0f32);
         for (i, row) in rows.iter().enumerate() {
@@ -384,16 +391,21 @@ fn gguf_logits_match_server_engine() {
         }
         (agree, worst, spread)
     };
-    let (agree, worst, spread) = compare(alone(&student, &tokens));
+    let ours = alone(&student, &tokens);
+    let (agree, worst, spread) = compare(&ours, &quantized);
+    let (e_agree, e_worst, _) = compare(&ours, &exact);
     let zeros = vec![0u32; tokens.len()];
     let ones = vec![1u32; tokens.len()];
-    let (c_agree, c_worst, _) = compare(student.forward(&u32s(&[&tokens]), &u32s(&[&zeros]), &u32s(&[&ones])).unwrap());
+    let no_rope = student.forward(&u32s(&[&tokens]), &u32s(&[&zeros]), &u32s(&[&ones])).unwrap();
+    let (c_agree, c_worst, _) = compare(&no_rope, &exact);
     let n = tokens.len();
     eprintln!(
-        "GGUF vs server engine: argmax agrees at {agree}/{n}, max |Δlogit| {worst:.3} (max |logit| {spread:.1}); \
-         control without RoPE: {c_agree}/{n}, max |Δlogit| {c_worst:.3}"
+        "GGUF vs server engine: f32 argmax agrees at {e_agree}/{n}, max |Δlogit| {e_worst:.5}; quantized {agree}/{n}, \
+         max |Δlogit| {worst:.3} (max |logit| {spread:.1}); control without RoPE: {c_agree}/{n}, max |Δlogit| {c_worst:.3}"
     );
-    assert!(agree + 1 >= n, "argmax agrees at only {agree}/{n} positions");
-    assert!(worst < 0.1 * spread, "logits differ by up to {worst}");
+    assert_eq!(e_agree, n, "argmax agrees with the f32 engine at only {e_agree}/{n} positions");
+    assert!(e_worst < 1e-3 * spread, "logits differ from the f32 engine's by up to {e_worst}");
+    assert!(agree + 1 >= n, "argmax agrees with the quantized engine at only {agree}/{n} positions");
+    assert!(worst < 0.1 * spread, "logits differ from the quantized engine's by up to {worst}");
     assert!(c_worst > 3.0 * worst, "control: disabling RoPE should be clearly worse ({c_worst} vs {worst})");
 }

@@ -73,9 +73,9 @@ unsafe fn dot_strided_avx2(a: &[f32], b: &[f32], first: usize, stride: usize) ->
     _mm_cvtss_f32(_mm_hadd_ps(h, h))
 }
 
-/// Softmax with the sum in f64 and a reciprocal scale; weights end in f16 (as llama.cpp's
-/// attention weights do before they meet the f16 values). Entries past `n` stay zero.
-pub fn softmax_f16(x: &mut [f32], n: usize) {
+/// Softmax with the sum in f64 and a reciprocal scale; with `f16`, weights end in f16 (as
+/// llama.cpp's attention weights do before they meet the f16 values). Entries past `n` stay zero.
+pub fn softmax(x: &mut [f32], n: usize, f16: bool) {
     let max = x[..n].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for v in x[..n].iter_mut() {
@@ -84,13 +84,18 @@ pub fn softmax_f16(x: &mut [f32], n: usize) {
     }
     let inv = (1.0 / sum) as f32;
     for v in x[..n].iter_mut() {
-        *v = half::f16::from_f32(*v * inv).to_f32();
+        *v *= inv;
+        if f16 {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
     }
 }
 
 /// One query head against positions `0..n` of a layer's cache; writes `out` (head_dim).
+/// `f16`: attention weights rounded to f16 (llama.cpp's arithmetic).
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
+    f16: bool,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -109,7 +114,7 @@ pub fn attend(
         let k = &keys[j * kv_dim + kv_head * hd..j * kv_dim + (kv_head + 1) * hd];
         *s = dot32(q, k) * scale;
     }
-    softmax_f16(scores, n);
+    softmax(scores, n, f16);
     for (c, o) in out.iter_mut().enumerate() {
         // Over positions, one block of 32 at a time, read in place from the blocked cache.
         *o = dot_strided(scores, values, (kv_head * hd + c) * VBLOCK, kv_dim * VBLOCK);
@@ -132,7 +137,7 @@ mod tests {
     #[test]
     fn softmax_sums_to_one_and_leaves_padding_zero() {
         let mut x = vec![1.0, 2.0, 3.0, 0.0, 0.0];
-        softmax_f16(&mut x, 3);
+        softmax(&mut x, 3, true);
         assert!((x[..3].iter().sum::<f32>() - 1.0).abs() < 2e-3);
         assert_eq!(&x[3..], &[0.0, 0.0]);
     }

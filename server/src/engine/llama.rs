@@ -48,8 +48,33 @@ struct Layer {
     down: QMatrix,
 }
 
+/// How the engine does its arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// llama.cpp's: weights in their file format (HF folders: Q8_0), activations rounded to
+    /// 8-bit blocks before each product, keys/values/queries and attention weights in f16.
+    /// Fast and small; logits carry a few tenths of noise, which flips near-tie tokens.
+    #[default]
+    Quantized,
+    /// Weights dequantized to f32 at load (4 bytes per weight), f32 activations and cache:
+    /// the model's exact distribution, e.g. to compare with a trainer or for soft labels.
+    F32,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "quantized" => Ok(Precision::Quantized),
+            "f32" => Ok(Precision::F32),
+            other => bail!("precision `{other}` is unknown; use quantized or f32"),
+        }
+    }
+}
+
 pub struct Llama {
     pub cfg: LlamaConfig,
+    pub precision: Precision,
     embed: QMatrix,
     /// `None`: the output projection is tied to the embeddings.
     output: Option<QMatrix>,
@@ -95,7 +120,7 @@ fn md_f32(c: &Content, key: &str) -> Option<f32> {
 
 impl Llama {
     /// Loads a Llama-architecture GGUF whose matrices are Q4_1, Q8_0 or F32.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
+    pub fn load(path: &Path, precision: Precision) -> anyhow::Result<Self> {
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let content = Content::read(&mut f).map_err(|e| anyhow!("{} is not a readable GGUF: {e}", path.display()))?;
         let arch = content
@@ -126,13 +151,17 @@ impl Llama {
             bail!("unsupported head layout: {cfg:?}");
         }
         let has_output = content.tensor_infos.contains_key("output.weight");
-        Self::assemble(cfg, has_output, &mut |name| read_matrix(&content, &mut f, name))
+        Self::assemble(cfg, precision, has_output, &mut |name| {
+            let m = read_matrix(&content, &mut f, name)?;
+            Ok(if precision == Precision::F32 { m.to_f32() } else { m })
+        })
     }
 
-    /// Loads an HF folder (Llama-family `config.json` + safetensors). Matrices are quantized to
-    /// Q8_0 at load (8.5 bits per weight, so f32/bf16 checkpoints decode at the speed of the
-    /// engine's integer kernels); norms stay f32; Q/K rows are put in GGUF's rotary order.
-    pub fn load_hf(folder: &crate::model::hf::HfFolder) -> anyhow::Result<Self> {
+    /// Loads an HF folder (Llama-family `config.json` + safetensors). Quantized: matrices
+    /// become Q8_0 at load (8.5 bits per weight, so f32/bf16 checkpoints decode at the speed of
+    /// the engine's integer kernels); F32: kept as f32. Norms stay f32; Q/K rows are put in
+    /// GGUF's rotary order.
+    pub fn load_hf(folder: &crate::model::hf::HfFolder, precision: Precision) -> anyhow::Result<Self> {
         use crate::model::hf::{hf_tensor_name, qk_hf_to_gguf};
         let c = &folder.config;
         let cfg = LlamaConfig {
@@ -150,18 +179,24 @@ impl Llama {
         let tensors = folder.tensors()?;
         let has_output = !c.tie_word_embeddings && tensors.has("lm_head.weight");
         let (heads, kv_heads) = (cfg.heads, cfg.kv_heads);
-        Self::assemble(cfg, has_output, &mut |gguf_name| {
+        Self::assemble(cfg, precision, has_output, &mut |gguf_name| {
             let name = hf_tensor_name(gguf_name).with_context(|| format!("no HF name for `{gguf_name}`"))?;
             let (mut w, shape) = tensors.f32(&name)?;
             match shape.as_slice() {
                 [n] => QMatrix::new(1, *n, Format::F32, w.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                [rows, cols] if precision == Precision::F32 && cols % super::quant::QK != 0 => {
+                    bail!("{rows}x{cols} matrix: columns not a multiple of {}", super::quant::QK)
+                }
                 [rows, cols] => {
                     if gguf_name.ends_with("attn_q.weight") {
                         w = qk_hf_to_gguf(&w, *cols, heads);
                     } else if gguf_name.ends_with("attn_k.weight") {
                         w = qk_hf_to_gguf(&w, *cols, kv_heads);
                     }
-                    QMatrix::quantize_q8_0(*rows, *cols, &w)
+                    match precision {
+                        Precision::Quantized => QMatrix::quantize_q8_0(*rows, *cols, &w),
+                        Precision::F32 => Ok(QMatrix::from_f32(*rows, *cols, w)),
+                    }
                 }
                 other => bail!("tensor `{name}` has shape {other:?}; expected 1 or 2 dimensions"),
             }
@@ -172,6 +207,7 @@ impl Llama {
     /// Builds the model from tensors named as in GGUF.
     fn assemble(
         cfg: LlamaConfig,
+        precision: Precision,
         has_output: bool,
         read: &mut dyn FnMut(&str) -> anyhow::Result<QMatrix>,
     ) -> anyhow::Result<Self> {
@@ -212,7 +248,7 @@ impl Llama {
         }
         let mut cfg = cfg;
         cfg.vocab = embed.rows;
-        let mut model = Llama { cfg, embed, output, norm: vector(norm)?, layers, rope: Vec::new() };
+        let mut model = Llama { cfg, precision, embed, output, norm: vector(norm)?, layers, rope: Vec::new() };
         model.extend_rope(4096.min(model.cfg.context.max(1)));
         Ok(model)
     }
@@ -247,6 +283,8 @@ impl Llama {
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (d, kvd, hd) = (cfg.hidden, cfg.kv_dim(), cfg.head_dim);
+        let f16 = self.precision == Precision::Quantized;
+        let round = |x: f32| if f16 { round_f16(x) } else { x };
         // Row r of the batch: (chunk, position in its sequence).
         let mut rows: Vec<(usize, usize)> = Vec::new();
         for (c, ch) in chunks.iter().enumerate() {
@@ -286,22 +324,22 @@ impl Llama {
                 self.apply_rope(&mut k[ri * kvd..(ri + 1) * kvd], pos);
             }
             // Append this layer's keys and values, then attend (caches are read-only below).
-            // Like llama.cpp, keys, values, queries and attention weights go through f16, so
-            // both implementations round alike and agree on near-ties.
+            // Quantized: like llama.cpp, keys, values, queries and attention weights go through
+            // f16, so both implementations round alike and agree on near-ties.
             for (ri, &(c, _)) in rows.iter().enumerate() {
                 let cache = &mut *chunks[c].cache;
                 let pos = cache.k[li].len() / kvd;
-                cache.k[li].extend(k[ri * kvd..(ri + 1) * kvd].iter().map(|x| round_f16(*x)));
+                cache.k[li].extend(k[ri * kvd..(ri + 1) * kvd].iter().map(|x| round(*x)));
                 let (blk, slot) = (pos / VBLOCK, pos % VBLOCK);
                 if slot == 0 {
                     cache.v[li].resize((blk + 1) * kvd * VBLOCK, 0.0);
                 }
                 let base = blk * kvd * VBLOCK;
                 for (c, x) in v[ri * kvd..(ri + 1) * kvd].iter().enumerate() {
-                    cache.v[li][base + c * VBLOCK + slot] = round_f16(*x);
+                    cache.v[li][base + c * VBLOCK + slot] = round(*x);
                 }
             }
-            q.iter_mut().for_each(|x| *x = round_f16(*x));
+            q.iter_mut().for_each(|x| *x = round(*x));
             let caches: Vec<&KvCache> = chunks.iter().map(|c| &*c.cache).collect();
             let group = cfg.heads / cfg.kv_heads;
             let scale = 1.0 / (hd as f32).sqrt();
@@ -311,7 +349,7 @@ impl Llama {
                 let cache = caches[c];
                 let qh = &q[ri * d + h * hd..ri * d + (h + 1) * hd];
                 // Causal: positions 0..=pos.
-                attend(qh, &cache.k[li], &cache.v[li], pos + 1, h / group, kvd, scale, scores, out);
+                attend(f16, qh, &cache.k[li], &cache.v[li], pos + 1, h / group, kvd, scale, scores, out);
             };
             // A single decode row's heads are too little work to spread over threads.
             if t == 1 {

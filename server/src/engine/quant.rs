@@ -8,6 +8,8 @@
 //! kernels otherwise, so one binary runs on any x86-64 (and other) CPU.
 
 use half::f16;
+
+use super::attention::dot32;
 use rayon::prelude::*;
 
 /// Values per quantization block.
@@ -43,8 +45,10 @@ pub struct QMatrix {
     pub format: Format,
     /// Per block: Q4_1 `[d, m]`, Q8_0 `[d]`; empty for F32.
     scales: Vec<f32>,
-    /// Per block: Q4_1 16 bytes of nibbles, Q8_0 32 signed bytes; F32 the raw values.
+    /// Per block: Q4_1 16 bytes of nibbles, Q8_0 32 signed bytes; empty for F32.
     quants: Vec<u8>,
+    /// F32 only: the values, row-major.
+    values: Vec<f32>,
 }
 
 /// Activation rows quantized to 8-bit blocks: per block a scale `d`, `s = d·Σq`, and 32 q.
@@ -120,9 +124,32 @@ impl QMatrix {
                 }
                 (sc, q)
             }
-            Format::F32 => (Vec::new(), data),
+            Format::F32 => {
+                let values = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                return Ok(Self::from_f32(rows, cols, values));
+            }
         };
-        Ok(QMatrix { rows, cols, format, scales, quants })
+        Ok(QMatrix { rows, cols, format, scales, quants, values: Vec::new() })
+    }
+
+    /// An F32 matrix from row-major values (`cols` a multiple of 32, checked by the callers
+    /// that take file data; asserted here).
+    pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        assert_eq!(cols % QK, 0);
+        QMatrix { rows, cols, format: Format::F32, scales: Vec::new(), quants: Vec::new(), values }
+    }
+
+    /// The same matrix dequantized to F32 (the engine's exact mode multiplies in f32).
+    pub fn to_f32(&self) -> Self {
+        if self.format == Format::F32 {
+            return Self::from_f32(self.rows, self.cols, self.values.clone());
+        }
+        let mut values = vec![0f32; self.rows * self.cols];
+        for (r, row) in values.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, row);
+        }
+        Self::from_f32(self.rows, self.cols, values)
     }
 
     /// Quantizes f32 weights (row-major) to Q8_0 the way ggml does: per block of 32,
@@ -170,12 +197,7 @@ impl QMatrix {
                         o[i] = self.quants[32 * blk + i] as i8 as f32 * d;
                     }
                 }
-                Format::F32 => {
-                    for i in 0..QK {
-                        let k = 4 * (blk * QK + i);
-                        o[i] = f32::from_le_bytes(self.quants[k..k + 4].try_into().unwrap());
-                    }
-                }
+                Format::F32 => o.copy_from_slice(&self.values[blk * QK..(blk + 1) * QK]),
             }
         }
     }
@@ -226,11 +248,9 @@ impl QMatrix {
                     dst,
                 ),
                 Format::F32 => {
-                    let row = &self.quants[4 * n * self.cols..4 * (n + 1) * self.cols];
-                    let w: Vec<f32> = row.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    let w = &self.values[n * self.cols..(n + 1) * self.cols];
                     for (bi, d) in dst.iter_mut().enumerate() {
-                        let xr = &xf[bi * self.cols..(bi + 1) * self.cols];
-                        *d = w.iter().zip(xr).map(|(a, b)| a * b).sum();
+                        *d = dot32(w, &xf[bi * self.cols..(bi + 1) * self.cols]);
                     }
                 }
             }
@@ -436,8 +456,9 @@ mod tests {
         QMatrix::new(rows, cols, Format::Q8_0, data).unwrap()
     }
 
-    /// The product against an f64 reference on dequantized weights and activations.
-    fn check(m: &QMatrix, seed: u64, batch: usize) {
+    /// The product against an f64 reference on dequantized weights and activations: within
+    /// `rel` of the magnitude of the terms.
+    fn check(m: &QMatrix, seed: u64, batch: usize, rel: f64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let x: Vec<f32> = (0..batch * m.cols).map(|_| rng.random_range(-2.0..2.0)).collect();
         let xq = Q8Rows::quantize(&x, batch, m.cols);
@@ -451,8 +472,7 @@ mod tests {
                 let exact: f64 = w.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
                 let norm: f64 = w.iter().zip(xr).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
                 let got = out[b * m.rows + n] as f64;
-                // 8-bit activations: error well under 1% of the magnitude of the terms.
-                assert!((got - exact).abs() <= 0.01 * norm + 1e-4, "row {n} batch {b}: {got} vs {exact}");
+                assert!((got - exact).abs() <= rel * norm + 1e-6, "row {n} batch {b}: {got} vs {exact}");
             }
         }
     }
@@ -461,8 +481,28 @@ mod tests {
     fn q4_1_and_q8_0_products_match_a_float_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for batch in [1, 3, 4, 9] {
-            check(&random_q4_1(&mut rng, 37, 96), 10 + batch as u64, batch);
-            check(&random_q8_0(&mut rng, 29, 64), 20 + batch as u64, batch);
+            // 8-bit activations: error well under 1% of the magnitude of the terms.
+            check(&random_q4_1(&mut rng, 37, 96), 10 + batch as u64, batch, 0.01);
+            check(&random_q8_0(&mut rng, 29, 64), 20 + batch as u64, batch, 0.01);
+        }
+    }
+
+    #[test]
+    fn f32_products_are_exact_to_float_rounding() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for batch in [1, 5] {
+            let q4 = random_q4_1(&mut rng, 37, 96);
+            let f = q4.to_f32();
+            assert_eq!((f.format, f.rows, f.cols), (Format::F32, 37, 96));
+            let (mut a, mut b) = (vec![0.0; 96], vec![0.0; 96]);
+            for r in 0..37 {
+                q4.dequantize_row(r, &mut a);
+                f.dequantize_row(r, &mut b);
+                assert_eq!(a, b, "row {r}");
+            }
+            // f32 activations, f32 accumulation: a few ulps of the terms' magnitude.
+            check(&f, 30 + batch as u64, batch, 1e-6);
+            check(&random_q8_0(&mut rng, 29, 64).to_f32(), 40 + batch as u64, batch, 1e-6);
         }
     }
 

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::{GenerateOutput, GenerateRequest, Teacher, TeacherError};
-use crate::config::{LocalEngine, TeacherSettings};
+use crate::config::{LocalEngine, Precision, TeacherSettings};
 use crate::domain::render::RenderedRequest;
 use crate::engine::llama::Llama;
 use crate::engine::scheduler::{Generated, Job, Scheduler};
@@ -135,16 +135,26 @@ struct Parts {
 }
 
 /// An HF folder (Llama-family safetensors) on the native engine.
-fn load_hf_folder(dir: &Path, max_batch: usize, template_file: Option<&Path>) -> anyhow::Result<(Parts, Scheduler)> {
+fn load_hf_folder(
+    dir: &Path,
+    max_batch: usize,
+    template_file: Option<&Path>,
+    precision: Precision,
+) -> anyhow::Result<(Parts, Scheduler)> {
     let folder = HfFolder::open(dir)?;
-    // f32 or bf16 weights are mapped, converted one tensor at a time and kept as Q8_0.
-    check_memory(folder.weight_bytes() as f64 * 0.6 + (128u64 << 20) as f64)?;
+    // f32 or bf16 weights are mapped, converted one tensor at a time and kept as Q8_0 (or f32).
+    let kept = match precision {
+        Precision::Quantized => 0.6,
+        Precision::F32 => 2.0,
+    };
+    check_memory(folder.weight_bytes() as f64 * kept + (128u64 << 20) as f64)?;
     let mut files = vec![dir.join("config.json"), dir.join("tokenizer.json")];
     files.extend(folder.safetensors.iter().cloned());
     let identity = fingerprint(dir, &files).with_context(|| format!("cannot read {}", dir.display()))?;
+    let identity = with_precision(identity, precision);
     let tokenizer = folder.tokenizer()?;
     let template = template(template_file, folder.chat_template()?, &tokenizer, &dir.display().to_string())?;
-    let model = Llama::load_hf(&folder)?;
+    let model = Llama::load_hf(&folder, precision)?;
     if tokenizer.vocab_size > model.cfg.vocab {
         anyhow::bail!("tokenizer vocabulary {} is larger than the model's {}", tokenizer.vocab_size, model.cfg.vocab);
     }
@@ -152,11 +162,26 @@ fn load_hf_folder(dir: &Path, max_batch: usize, template_file: Option<&Path>) ->
     Ok((Parts { tokenizer, template, model_name, identity }, Scheduler::start(model, max_batch)))
 }
 
+/// The identity of a model run in `precision`: answers from f32 arithmetic are not cached
+/// answers of the quantized one.
+fn with_precision(identity: String, precision: Precision) -> String {
+    match precision {
+        Precision::Quantized => identity,
+        Precision::F32 => format!("{identity}#f32"),
+    }
+}
+
 /// Tokenizer, template and identity of a GGUF file, and its architecture.
-fn gguf_parts(path: &Path, template_file: Option<&Path>) -> anyhow::Result<(Parts, String)> {
-    // Weights repacked (about 1.2× the file for Q4_1) plus working buffers.
-    check_memory(std::fs::metadata(path)?.len() as f64 * 1.3 + (64u64 << 20) as f64)?;
+fn gguf_parts(path: &Path, template_file: Option<&Path>, precision: Precision) -> anyhow::Result<(Parts, String)> {
+    // Weights repacked (about 1.2× the file for Q4_1; f32: up to 6.4× for 5-bit Q4_1) plus
+    // working buffers.
+    let kept = match precision {
+        Precision::Quantized => 1.3,
+        Precision::F32 => 6.5,
+    };
+    check_memory(std::fs::metadata(path)?.len() as f64 * kept + (64u64 << 20) as f64)?;
     let identity = fingerprint(path, &[path.to_path_buf()]).with_context(|| format!("cannot read {}", path.display()))?;
+    let identity = with_precision(identity, precision);
     let meta = GgufMetadata::read(path)?;
     let arch = meta.opt_string("general.architecture").unwrap_or_default().to_string();
     let tokenizer = ModelTokenizer::from_metadata(&meta)?;
@@ -175,32 +200,41 @@ async fn blocking<T: Send + 'static>(what: String, f: impl FnOnce() -> anyhow::R
     }
 }
 
-async fn load(path: PathBuf, max_batch: usize, template_file: Option<PathBuf>, engine: LocalEngine) -> anyhow::Result<Loaded> {
+async fn load(
+    path: PathBuf,
+    max_batch: usize,
+    template_file: Option<PathBuf>,
+    engine: LocalEngine,
+    precision: Precision,
+) -> anyhow::Result<Loaded> {
     let what = path.display().to_string();
     if path.is_dir() {
         if engine == LocalEngine::Mistralrs {
             anyhow::bail!("the mistralrs engine is used for GGUF files only; HF folders run on the native engine");
         }
         let (parts, scheduler) =
-            blocking(what, move || load_hf_folder(&path, max_batch, template_file.as_deref())).await?;
+            blocking(what, move || load_hf_folder(&path, max_batch, template_file.as_deref(), precision)).await?;
         return Ok(finish(parts, Engine::Native(scheduler)));
     }
     if !path.exists() {
         anyhow::bail!("model file {} does not exist", path.display());
     }
     let p = path.clone();
-    let (parts, arch) = blocking(what.clone(), move || gguf_parts(&p, template_file.as_deref())).await?;
+    let (parts, arch) = blocking(what.clone(), move || gguf_parts(&p, template_file.as_deref(), precision)).await?;
     let native = match engine {
         LocalEngine::Native => true,
         LocalEngine::Mistralrs => false,
         LocalEngine::Auto => arch == "llama",
     };
     if native {
-        let model = blocking(what, move || Llama::load(&path)).await?;
+        let model = blocking(what, move || Llama::load(&path, precision)).await?;
         if model.cfg.vocab != parts.tokenizer.vocab_size {
             anyhow::bail!("model vocabulary {} != tokenizer vocabulary {}", model.cfg.vocab, parts.tokenizer.vocab_size);
         }
         return Ok(finish(parts, Engine::Native(Scheduler::start(model, max_batch))));
+    }
+    if precision != Precision::Quantized {
+        anyhow::bail!("precision f32 is a setting of the native engine; mistralrs runs `{arch}` as the GGUF is stored");
     }
     mistral(parts, &path, &arch).await
 }
@@ -235,7 +269,14 @@ impl LocalTeacher {
     /// the loader) is kept as the teacher's load error instead of stopping the server.
     pub async fn load(settings: &TeacherSettings, path: &Path) -> Self {
         let max_batch = settings.max_in_flight.min(64);
-        let result = load(path.to_path_buf(), max_batch, settings.chat_template.clone(), settings.local_engine).await;
+        let result = load(
+            path.to_path_buf(),
+            max_batch,
+            settings.chat_template.clone(),
+            settings.local_engine,
+            settings.local_precision,
+        )
+        .await;
         match result {
             Ok(loaded) => {
                 tracing::info!(teacher = %settings.name, identity = %loaded.identity, "local model loaded");
