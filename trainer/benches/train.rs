@@ -26,13 +26,14 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
 use server::model::gguf::GgufMetadata;
 use server::model::hf::{read_gguf_as_hf, write_folder};
 use server::model::tokenizer::ModelTokenizer;
-use trainer::model::{masked_cross_entropy, Llama};
+use trainer::model::{linear, masked_cross_entropy, repeat_kv, rms_norm, rope, Llama};
+use trainer::ops::{composed, masked_softmax};
 use trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
 const KEEP: [usize; 8] = [0, 4, 8, 12, 16, 20, 24, 28];
@@ -311,33 +312,8 @@ fn worker(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-// The model's parts, rebuilt from the same candle ops as trainer/src/model.rs (whose helpers
-// are private), timed forward and backward one at a time with the shapes of the run.
-
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(w)
-}
-
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
-fn repeat_kv(x: Tensor, rep: usize) -> candle_core::Result<Tensor> {
-    if rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
-}
+// The model's parts (trainer::model's building blocks and trainer::ops' fused kernels),
+// timed forward and backward one at a time with the shapes of the run.
 
 fn var(t: &Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t.detach().contiguous()?)?)
@@ -366,20 +342,12 @@ fn time_part(reps: usize, inputs: &[&Tensor], f: &dyn Fn(&[Tensor]) -> Result<Te
     Ok((median(&fw), median(&bw), median(&mem)))
 }
 
-struct MaskedCeOp<'a>(&'a [u32], &'a [f32]);
-
-impl MaskedCeOp<'_> {
-    fn apply(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
-        logits.apply_op1(fused::MaskedCe { targets: self.0.to_vec(), mask: self.1.to_vec() })
-    }
-}
-
 fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
     let reps = env_usize("BENCH_PROFILE_REPS", 3);
     let cfg = model.config();
     let (b, tt) = t.input.dims2()?;
     let (nh, nkv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-    let eps = cfg.rms_norm_eps as f64;
+    let eps = cfg.rms_norm_eps;
     let p: BTreeMap<String, Var> = model.params().into_iter().collect();
     let w = |n: &str| p[n].as_tensor().clone();
     let l0 = |n: &str| w(&format!("model.layers.0.{n}.weight"));
@@ -406,8 +374,11 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
     let k = rope(&heads(linear(&xn, &l0("self_attn.k_proj"))?, nkv)?, &cos, &sin)?.detach();
     let v = heads(linear(&xn, &l0("self_attn.v_proj"))?, nkv)?.detach();
     let rep = nh / nkv;
-    let scores = (q.matmul(&repeat_kv(k.clone(), rep)?.t()?)? / (d as f64).sqrt())?.detach();
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?.detach();
+    let scale = 1.0 / (d as f64).sqrt();
+    // As in the model: raw scores, the 1/sqrt(d) scale folded into the fused softmax.
+    let scores = q.matmul(&repeat_kv(k.clone(), rep)?.t()?)?.detach();
+    let bias = bias.contiguous()?;
+    let probs = masked_softmax(&scores, &bias, scale)?.detach();
     let attn_out = probs.matmul(&repeat_kv(v.clone(), rep)?)?.transpose(1, 2)?.reshape((b * tt, nh * d))?.detach();
     let gate_in = linear(&xn, &l0("mlp.gate_proj"))?.detach();
     let up_in = linear(&xn, &l0("mlp.up_proj"))?.detach();
@@ -438,8 +409,10 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
         let k = rope(&heads(v[1].clone(), nkv)?, &cos, &sin)?;
         Ok(((q.sum_all()? + k.sum_all()?)? + heads(v[2].clone(), nkv)?.sum_all()?)?)
     })?;
-    part("repeat_kv + QK^T / sqrt(d)", nl, &[&q, &k], &|v| Ok((v[0].matmul(&repeat_kv(v[1].clone(), rep)?.t()?)? / (d as f64).sqrt())?))?;
-    part("mask add + softmax [B,H,T,T]", nl, &[&scores], &|v| Ok(candle_nn::ops::softmax(&v[0].broadcast_add(&bias)?, D::Minus1)?))?;
+    // (candle: the scale is applied inside the fused softmax below; the part names are shared
+    // with bench/train_torch.py, which divides here.)
+    part("repeat_kv + QK^T / sqrt(d)", nl, &[&q, &k], &|v| Ok(v[0].matmul(&repeat_kv(v[1].clone(), rep)?.t()?)?))?;
+    part("mask add + softmax [B,H,T,T]", nl, &[&scores], &|v| Ok(masked_softmax(&v[0], &bias, scale)?))?;
     part("repeat_kv + PV + head merge", nl, &[&probs, &v], &|v| {
         Ok(v[0].matmul(&repeat_kv(v[1].clone(), rep)?)?.transpose(1, 2)?.reshape((b * tt, nh * d))?)
     })?;
@@ -456,181 +429,17 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
         let (sum, _) = masked_cross_entropy(&v[0], &t.target, &t.mask)?;
         Ok((sum / loss_tokens as f64)?)
     })?;
-    // What-if: the same two parts as fused custom ops with a backward (checked against the
-    // unfused ones first).
-    let targets = t.target.flatten_all()?.to_vec1::<u32>()?;
-    let mask = t.mask.flatten_all()?.to_vec1::<f32>()?;
-    {
-        let fused_probs = scores.apply_op2(&bias.contiguous()?, fused::MaskedSoftmax)?;
-        let diff = (fused_probs - &probs)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let ce = MaskedCeOp(&targets, &mask);
-        let (sum, _) = masked_cross_entropy(&logits, &t.target, &t.mask)?;
-        let fused_sum = ce.apply(&logits)?.sum_all()?;
-        let dl = (sum - fused_sum)?.abs()?.to_scalar::<f32>()?;
-        eprintln!("what-if ops agree with candle's: softmax max |Δ| {diff:.1e}, CE sum |Δ| {dl:.1e}");
-    }
-    part("what-if: fused mask+softmax (1 pass)", nl, &[&scores], &|v| Ok(v[0].apply_op2(&bias.contiguous()?, fused::MaskedSoftmax)?))?;
-    part("what-if: fused masked CE (1 pass)", 1, &[&logits], &|v| Ok((MaskedCeOp(&targets, &mask).apply(&v[0])?.sum_all()? / loss_tokens as f64)?))?;
+    // What the fused kernels replaced: the same two parts from composed candle ops.
+    part("composed: mask add + softmax", nl, &[&scores], &|v| Ok(composed::masked_softmax(&v[0], &bias, scale)?))?;
+    part("composed: masked CE", 1, &[&logits], &|v| {
+        Ok((composed::masked_token_ce(&v[0], &t.target, &t.mask)?.sum_all()? / loss_tokens as f64)?)
+    })?;
     Ok(Value::Array(
         parts
             .into_iter()
             .map(|(name, count, (f, bw, mem))| json!({"part": name, "count": count, "forward_s": f, "backward_s": bw, "held_mib": mem}))
             .collect(),
     ))
-}
-
-// ---------------------------------------------------------------------------------------------
-// What-if parts: fused CPU ops with a backward, written here as candle custom ops, to measure
-// what fusing would save (they are timed and reported, never used for the training steps).
-
-mod fused {
-    use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-
-    fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-        let CpuStorage::F32(v) = s else { bail!("{what}: f32 only") };
-        let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: contiguous input only") };
-        Ok(&v[a..b])
-    }
-
-    /// Calls `f(row index, row)` for each `row`-long chunk of `dst`, split over the threads.
-    fn par_rows(dst: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-        let rows = dst.len() / row;
-        let per = rows.div_ceil(super::threads().max(1)).max(1);
-        std::thread::scope(|s| {
-            for (i, chunk) in dst.chunks_mut(per * row).enumerate() {
-                let f = &f;
-                s.spawn(move || {
-                    for (j, r) in chunk.chunks_mut(row).enumerate() {
-                        f(i * per + j, r)
-                    }
-                });
-            }
-        });
-    }
-
-    /// softmax(scores + bias) over the last dim in one pass per row; scores [B, H, T, T],
-    /// bias [B, 1, T, T]. Backward: dS = y ⊙ (g − Σ g ⊙ y), one pass; no grad for the bias.
-    pub struct MaskedSoftmax;
-
-    impl CustomOp2 for MaskedSoftmax {
-        fn name(&self) -> &'static str {
-            "bench-masked-softmax"
-        }
-        fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-            let (x, bias) = (f32s(s1, l1, "scores")?, f32s(s2, l2, "bias")?);
-            let &[_, h, t, n] = l1.dims() else { bail!("scores must be [B, H, T, T]") };
-            let mut y = vec![0f32; x.len()];
-            par_rows(&mut y, n, |r, out| {
-                let (bi, ti) = (r / (h * t), r % t);
-                let src = &x[r * n..(r + 1) * n];
-                let m = &bias[(bi * t + ti) * n..(bi * t + ti + 1) * n];
-                let mut max = f32::NEG_INFINITY;
-                for (o, (a, b)) in out.iter_mut().zip(src.iter().zip(m)) {
-                    *o = a + b;
-                    max = max.max(*o);
-                }
-                let mut sum = 0f32;
-                for o in out.iter_mut() {
-                    *o = (*o - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                for o in out.iter_mut() {
-                    *o *= inv;
-                }
-            });
-            Ok((CpuStorage::F32(y), l1.shape().clone()))
-        }
-        fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            Ok((Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?), None))
-        }
-    }
-
-    struct SoftmaxBwd;
-
-    impl CustomOp2 for SoftmaxBwd {
-        fn name(&self) -> &'static str {
-            "bench-softmax-bwd"
-        }
-        fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-            let (y, g) = (f32s(s1, l1, "y")?, f32s(s2, l2, "grad")?);
-            let n = *l1.dims().last().unwrap();
-            let mut dx = vec![0f32; y.len()];
-            par_rows(&mut dx, n, |r, out| {
-                let (yr, gr) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for (o, (a, b)) in out.iter_mut().zip(yr.iter().zip(gr)) {
-                    *o = a * (b - dot);
-                }
-            });
-            Ok((CpuStorage::F32(dx), l1.shape().clone()))
-        }
-    }
-
-    /// Per-token −log softmax(logits)[target] · mask, [B, T], from logits [B, T, V], without
-    /// keeping log-probabilities; backward: g · mask · (softmax − onehot(target)), one pass per row.
-    pub struct MaskedCe {
-        pub targets: Vec<u32>,
-        pub mask: Vec<f32>,
-    }
-
-    fn row_max_lse(row: &[f32]) -> (f32, f32) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
-        (max, sum.ln())
-    }
-
-    impl CustomOp1 for MaskedCe {
-        fn name(&self) -> &'static str {
-            "bench-masked-ce"
-        }
-        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-            let x = f32s(s, l, "logits")?;
-            let &[b, t, v] = l.dims() else { bail!("logits must be [B, T, V]") };
-            let mut out = vec![0f32; b * t];
-            par_rows(&mut out, 1, |r, o| {
-                if self.mask[r] != 0.0 {
-                    let row = &x[r * v..(r + 1) * v];
-                    let (max, lse) = row_max_lse(row);
-                    o[0] = -(row[self.targets[r] as usize] - max - lse) * self.mask[r];
-                }
-            });
-            Ok((CpuStorage::F32(out), Shape::from((b, t))))
-        }
-        fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-            let bwd = MaskedCeBwd { targets: self.targets.clone(), mask: self.mask.clone() };
-            Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &bwd)?))
-        }
-    }
-
-    struct MaskedCeBwd {
-        targets: Vec<u32>,
-        mask: Vec<f32>,
-    }
-
-    impl CustomOp2 for MaskedCeBwd {
-        fn name(&self) -> &'static str {
-            "bench-masked-ce-bwd"
-        }
-        fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-            let (x, g) = (f32s(s1, l1, "logits")?, f32s(s2, l2, "grad")?);
-            let v = *l1.dims().last().unwrap();
-            let mut dx = vec![0f32; x.len()];
-            par_rows(&mut dx, v, |r, out| {
-                let w = g[r] * self.mask[r];
-                if w == 0.0 {
-                    return;
-                }
-                let row = &x[r * v..(r + 1) * v];
-                let (max, lse) = row_max_lse(row);
-                for (o, a) in out.iter_mut().zip(row) {
-                    *o = w * (a - max - lse).exp();
-                }
-                out[self.targets[r] as usize] -= w;
-            });
-            Ok((CpuStorage::F32(dx), l1.shape().clone()))
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -842,7 +651,7 @@ fn report(candle: &Value, torch: &[Value], rows: usize, seq: usize, real: usize,
     let mut whatif = Vec::new();
     for p in &parts {
         let name = p["part"].as_str().unwrap_or("?");
-        if name.starts_with("what-if") {
+        if name.starts_with("composed:") {
             whatif.push(p.clone());
             continue;
         }
@@ -890,20 +699,21 @@ fn report(candle: &Value, torch: &[Value], rows: usize, seq: usize, real: usize,
     );
     if !whatif.is_empty() {
         println!();
-        println!("What-if (candle custom ops with a backward, in this bench): the same part fused");
+        println!("The fused kernels (trainer/src/ops.rs) against the composed candle ops they replace:");
         for p in &whatif {
             let name = p["part"].as_str().unwrap_or("?");
             let base_name = if name.contains("softmax") { "mask add + softmax [B,H,T,T]" } else { "masked CE (log_softmax over V)" };
             let Some(base) = parts.iter().find(|q| q["part"] == base_name) else { continue };
             let n = p["count"].as_f64().unwrap_or(1.0);
-            let now = (f(base, "forward_s") + f(base, "backward_s")) * n;
-            let then = (f(p, "forward_s") + f(p, "backward_s")) * n;
+            let fused = (f(base, "forward_s") + f(base, "backward_s")) * n;
+            let composed = (f(p, "forward_s") + f(p, "backward_s")) * n;
             println!(
-                "  {name}: {then:.3} s per step instead of {now:.3} s (saves {:.3} s = {:.1}% of the step); holds {:.0} MiB instead of {:.0} MiB (×{n})",
-                now - then,
-                100.0 * (now - then) / cstep,
-                f(p, "held_mib"),
-                f(base, "held_mib")
+                "  {base_name}: fused {fused:.3} s per step, {name} {composed:.3} s (fusing saves {:.3} s = {:.1}% of the step); \
+                 holds {:.0} MiB instead of {:.0} MiB (×{n})",
+                composed - fused,
+                100.0 * (composed - fused) / cstep,
+                f(base, "held_mib"),
+                f(p, "held_mib")
             );
         }
     }

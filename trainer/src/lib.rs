@@ -7,6 +7,7 @@ pub mod data;
 pub mod eval;
 pub mod init;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod report;
 pub mod train;

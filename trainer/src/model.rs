@@ -4,7 +4,9 @@
 //! convention (HF `rotate_half`) are those of the HF checkpoint, so weights load from and save
 //! to HF folders (and GGUF via `read_gguf_as_hf`) without renaming.
 //!
-//! Every op here is an ordinary differentiable candle op. candle-nn's fused kernels
+//! Every op here is an ordinary differentiable candle op, except the attention softmax and the
+//! cross-entropy, which are our own fused kernels with a backward (`crate::ops`: they keep one
+//! tensor for the backward where the composed ops keep five). candle-nn's fused kernels
 //! (`ops::rms_norm`, `RmsNorm`, `LayerNorm`, `softmax_last_dim`, `rotary_emb::rope*`) have no
 //! backward pass and silently cut the gradient, so they are deliberately not used.
 //!
@@ -19,6 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use server::model::hf::{read_gguf_as_hf, HfFolder, HfLlamaConfig, NamedTensor};
+
+use crate::ops;
 
 /// One decoder layer's parameters.
 struct Layer {
@@ -340,9 +344,9 @@ impl Llama {
         let v = heads(linear(x, &w(&l.v_proj))?, nkv)?;
         // Grouped-query attention: query head h uses KV head h / (nh / nkv), as HF's repeat_kv.
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let scores = q.matmul(&k.t()?)?;
         let dt = softmax_dtype(self.dtype);
-        let probs = softmax(&scores.to_dtype(dt)?.broadcast_add(bias)?)?.to_dtype(self.dtype)?;
+        let probs = ops::masked_softmax(&scores.to_dtype(dt)?, bias, 1.0 / (d as f64).sqrt())?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?; // [B, nh, T, d]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * d))?;
         linear(&out, &w(&l.o_proj))
@@ -357,19 +361,13 @@ fn softmax_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Softmax over the last dim from basic ops (candle-nn's `ops::softmax` is exactly that; the
-/// fused `softmax_last_dim` has no backward).
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
-}
-
 /// `x · Wᵀ` for an HF [out, in] weight; `x` is [N, in].
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
 /// HF LlamaRMSNorm: x / sqrt(mean(x²) + eps) · w, computed in f32 for half-precision input.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let dt = x.dtype();
     let xf = x.to_dtype(softmax_dtype(dt))?;
     let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
@@ -379,7 +377,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// HF `apply_rotary_pos_emb`: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] over
 /// the two halves of the head dim. `x` is [B, n, T, d], cos/sin [B, 1, T, d].
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -388,7 +386,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// [B, kv, T, d] → [B, kv·rep, T, d], each KV head repeated `rep` times consecutively.
-fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
+pub fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x);
     }
@@ -407,16 +405,13 @@ fn mlp(l: &Layer, x: &Tensor, w: &dyn Fn(&Var) -> Tensor) -> Result<Tensor> {
 /// weights its token), and the mask's sum, so a caller can divide by the token count of a
 /// whole gradient-accumulation step rather than per micro-batch. `logits` [B, T, V] (any float
 /// dtype; computed in f32, or f64 for f64 logits), `targets` [B, T] u32 (must be valid ids
-/// even where masked), `mask` [B, T] float. Stable: uses log_softmax.
+/// even where masked), `mask` [B, T] float. Stable (log-sum-exp with the max subtracted).
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(Tensor, f64)> {
     let (b, t, _v) = logits.dims3().context("logits must be [batch, time, vocab]")?;
     ensure!(targets.dims() == [b, t], "targets must be [{b}, {t}], got {:?}", targets.dims());
     ensure!(mask.dims() == [b, t], "mask must be [{b}, {t}], got {:?}", mask.dims());
     let dt = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(dt)?, D::Minus1)?;
-    let picked = logp.gather(&targets.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?; // [B, T]
-    let mask = mask.to_dtype(dt)?;
-    let loss = (picked * &mask)?.sum_all()?.neg()?;
-    let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let loss = ops::masked_token_ce(&logits.to_dtype(dt)?, targets, mask)?.sum_all()?;
+    let count = mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     Ok((loss, count))
 }

@@ -1,0 +1,275 @@
+//! Fused CPU kernels with their own backward, for the two places where composed candle ops
+//! keep several full-size intermediates alive until the backward pass: the attention softmax
+//! (`[B, H, T, T]` per layer: scaled scores, masked scores, max-shifted, exp, sum, quotient)
+//! and the cross-entropy over the vocabulary (`[B, T, V]`: shifted logits, exp, log-softmax).
+//! Each fused op keeps only what its gradient needs (the softmax its output; the
+//! cross-entropy nothing beyond the logits it reads) and makes one pass per row each way.
+//!
+//! f32 and f64 on the CPU; other devices and dtypes take the composed ops, which compute the
+//! same function (tests compare both, and check the gradients by finite differences).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Whether `t` can take the fused kernels.
+fn fused(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// `softmax(scale · scores + bias)` over the last dim. `scores` [B, H, T, S]; `bias` [B, 1, T, S]
+/// of the same dtype, 0 where attention is allowed and −∞ elsewhere (not differentiated).
+/// A row with no allowed position gives zeros.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused(scores) && bias.dtype() == scores.dtype() {
+        scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax { scale })
+    } else {
+        composed::masked_softmax(scores, bias, scale)
+    }
+}
+
+/// Per-token cross-entropy `−log softmax(logits)[target] · mask`, [B, T], from `logits`
+/// [B, T, V], `targets` [B, T] u32 (valid ids even where masked) and `mask` [B, T] (any float
+/// dtype; a value weights its token).
+pub fn masked_token_ce(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if fused(logits) {
+        let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+        let mask = mask.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        logits.contiguous()?.apply_op1(MaskedCe { targets, mask })
+    } else {
+        composed::masked_token_ce(logits, targets, mask)
+    }
+}
+
+/// The same functions from ordinary differentiable candle ops: the fallback off the CPU, and
+/// the reference the tests hold the fused kernels to.
+pub mod composed {
+    use candle_core::{Result, Tensor, D};
+
+    pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+        candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(bias)?, D::Minus1)
+    }
+
+    pub fn masked_token_ce(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let picked = logp.gather(&targets.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?;
+        picked.broadcast_mul(&mask.to_dtype(logits.dtype())?)?.neg()
+    }
+}
+
+/// The contiguous values of a CPU f32/f64 storage, as `T`.
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let Some(v) = T::of(s) else { bail!("{what}: expected {:?}", T::DTYPE) };
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: must be contiguous") };
+    Ok(&v[a..b])
+}
+
+/// f32 and f64, for kernels written once.
+trait WithDType: Float + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn of(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl WithDType for f32 {
+    const DTYPE: DType = DType::F32;
+    fn of(s: &CpuStorage) -> Option<&[f32]> {
+        if let CpuStorage::F32(v) = s {
+            Some(v)
+        } else {
+            None
+        }
+    }
+    fn storage(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl WithDType for f64 {
+    const DTYPE: DType = DType::F64;
+    fn of(s: &CpuStorage) -> Option<&[f64]> {
+        if let CpuStorage::F64(v) = s {
+            Some(v)
+        } else {
+            None
+        }
+    }
+    fn storage(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Runs `f::<f32>` or `f::<f64>` by the storage's dtype.
+macro_rules! by_dtype {
+    ($s:expr, $f:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            other => bail!("fused op: f32 or f64 only, got {:?}", other.dtype()),
+        }
+    };
+}
+
+/// max and log Σ exp(x − max) of a row (the sum accumulated in f64); max is −∞ for a row of −∞.
+fn max_and_lse<T: WithDType>(row: &[T]) -> (T, T) {
+    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+    if max == T::neg_infinity() {
+        return (max, T::neg_infinity());
+    }
+    let sum: f64 = row.iter().map(|v| (*v - max).exp().to_f64().unwrap()).sum();
+    (max, T::from(sum.ln()).unwrap())
+}
+
+struct MaskedSoftmax {
+    scale: f64,
+}
+
+fn softmax_fwd<T: WithDType>(scale: f64, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, bias) = (slice::<T>(s1, l1, "scores")?, slice::<T>(s2, l2, "bias")?);
+    let &[b, h, t, n] = l1.dims() else { bail!("scores must be [B, H, T, S], got {:?}", l1.dims()) };
+    if l2.dims() != [b, 1, t, n] {
+        bail!("bias must be [{b}, 1, {t}, {n}], got {:?}", l2.dims());
+    }
+    let scale = T::from(scale).unwrap();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(n).enumerate().for_each(|(r, out)| {
+        let (bi, ti) = (r / (h * t), r % t);
+        let src = &x[r * n..(r + 1) * n];
+        let m = &bias[(bi * t + ti) * n..(bi * t + ti + 1) * n];
+        for (o, (a, c)) in out.iter_mut().zip(src.iter().zip(m)) {
+            *o = *a * scale + *c;
+        }
+        let (max, lse) = max_and_lse(out);
+        if max == T::neg_infinity() {
+            out.iter_mut().for_each(|o| *o = T::zero());
+            return;
+        }
+        let shift = max + lse;
+        out.iter_mut().for_each(|o| *o = (*o - shift).exp());
+    });
+    Ok((T::storage(y), l1.shape().clone()))
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, softmax_fwd(self.scale, s1, l1, s2, l2))
+    }
+    /// d scores = scale · y ⊙ (g − Σ g ⊙ y), from the output alone.
+    fn bwd(&self, _scores: &Tensor, _bias: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(d), None))
+    }
+}
+
+struct SoftmaxBwd {
+    scale: f64,
+}
+
+fn softmax_bwd<T: WithDType>(scale: f64, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (y, g) = (slice::<T>(s1, l1, "softmax output")?, slice::<T>(s2, l2, "gradient")?);
+    let n = *l1.dims().last().unwrap();
+    let scale = T::from(scale).unwrap();
+    let mut dx = vec![T::zero(); y.len()];
+    dx.par_chunks_mut(n).enumerate().for_each(|(r, out)| {
+        let (yr, gr) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+        let dot = yr.iter().zip(gr).fold(T::zero(), |acc, (a, b)| acc + *a * *b);
+        for (o, (a, b)) in out.iter_mut().zip(yr.iter().zip(gr)) {
+            *o = scale * *a * (*b - dot);
+        }
+    });
+    Ok((T::storage(dx), l1.shape().clone()))
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "masked-softmax-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, softmax_bwd(self.scale, s1, l1, s2, l2))
+    }
+}
+
+struct MaskedCe {
+    targets: Vec<u32>,
+    mask: Vec<f64>,
+}
+
+impl MaskedCe {
+    fn check(&self, dims: &[usize]) -> Result<(usize, usize)> {
+        let &[b, t, v] = dims else { bail!("logits must be [B, T, V], got {dims:?}") };
+        if self.targets.len() != b * t || self.mask.len() != b * t {
+            bail!("targets and mask must be [{b}, {t}]");
+        }
+        if let Some(bad) = self.targets.iter().find(|&&id| id as usize >= v) {
+            bail!("target id {bad} is outside the vocabulary of {v}");
+        }
+        Ok((b * t, v))
+    }
+}
+
+fn ce_fwd<T: WithDType>(op: &MaskedCe, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(s, l, "logits")?;
+    let (rows, v) = op.check(l.dims())?;
+    let mut out = vec![T::zero(); rows];
+    out.par_iter_mut().enumerate().for_each(|(r, o)| {
+        let w = op.mask[r];
+        if w != 0.0 {
+            let row = &x[r * v..(r + 1) * v];
+            let (max, lse) = max_and_lse(row);
+            *o = (max + lse - row[op.targets[r] as usize]) * T::from(w).unwrap();
+        }
+    });
+    Ok((T::storage(out), Shape::from(&l.dims()[..2])))
+}
+
+impl CustomOp1 for MaskedCe {
+    fn name(&self) -> &'static str {
+        "masked-ce"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s, ce_fwd(self, s, l))
+    }
+    /// d logits = g · mask · (softmax(logits) − onehot(target)), recomputed row by row.
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let bwd = MaskedCeBwd { targets: self.targets.clone(), mask: self.mask.clone() };
+        Ok(Some(logits.apply_op2_no_bwd(&grad.contiguous()?, &bwd)?))
+    }
+}
+
+struct MaskedCeBwd {
+    targets: Vec<u32>,
+    mask: Vec<f64>,
+}
+
+fn ce_bwd<T: WithDType>(op: &MaskedCeBwd, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (slice::<T>(s1, l1, "logits")?, slice::<T>(s2, l2, "gradient")?);
+    let v = *l1.dims().last().unwrap();
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(v).enumerate().for_each(|(r, out)| {
+        let w = g[r] * T::from(op.mask[r]).unwrap();
+        if w == T::zero() {
+            return;
+        }
+        let row = &x[r * v..(r + 1) * v];
+        let (max, lse) = max_and_lse(row);
+        let shift = max + lse;
+        for (o, a) in out.iter_mut().zip(row) {
+            *o = w * (*a - shift).exp();
+        }
+        out[op.targets[r] as usize] = out[op.targets[r] as usize] - w;
+    });
+    Ok((T::storage(dx), l1.shape().clone()))
+}
+
+impl CustomOp2 for MaskedCeBwd {
+    fn name(&self) -> &'static str {
+        "masked-ce-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, ce_bwd(self, s1, l1, s2, l2))
+    }
+}
