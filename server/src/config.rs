@@ -530,4 +530,32 @@ mod tests {
         let cli = Cli::parse_from(["server", "--config", path.to_str().unwrap()]);
         assert!(Settings::from_cli(cli).is_err());
     }
+
+    #[test]
+    fn local_engine_and_precision_per_teacher() {
+        let dir = std::env::temp_dir().join(format!("distill-cfg-p-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[teachers.a]\nspec = \"local:a.gguf\"\nprecision = \"f32\"\nengine = \"native\"\n").unwrap();
+        let from = |args: &[&str]| {
+            let mut all = vec!["server", "--config", path.to_str().unwrap(), "--teacher", "b=local:b.gguf"];
+            all.extend_from_slice(args);
+            Settings::from_cli(Cli::parse_from(all))
+        };
+        let s = from(&[]).unwrap();
+        let t = |s: &Settings, n: &str| s.teachers.iter().find(|t| t.name == n).unwrap().clone();
+        assert_eq!((t(&s, "a").local_precision, t(&s, "a").local_engine), (Precision::F32, LocalEngine::Native));
+        assert_eq!((t(&s, "b").local_precision, t(&s, "b").local_engine), (Precision::Quantized, LocalEngine::Auto));
+        let s = from(&["--local-precision", "b=f32", "--local-engine", "b=mistralrs"]).unwrap();
+        assert_eq!((t(&s, "b").local_precision, t(&s, "b").local_engine), (Precision::F32, LocalEngine::Mistralrs));
+        for (args, want) in [
+            (&["--local-precision", "b=f16"][..], "precision `f16` is unknown; use quantized or f32"),
+            (&["--local-precision", "b"][..], "--local-precision `b` must be NAME=VALUE, e.g. --local-precision smol=f32"),
+            (&["--local-precision", "c=f32"][..], "--local-precision names teacher `c`, but no --teacher c=... is configured"),
+            (&["--local-engine", "b=vllm"][..], "local engine `vllm` is unknown"),
+        ] {
+            let err = format!("{:#}", from(args).unwrap_err());
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
 }

@@ -17,6 +17,7 @@
 //! (1; 0 skips the per-part timings), BENCH_SDPA (1; 0 skips the extra PyTorch run with
 //! F.scaled_dot_product_attention), BENCH_DIR (keep the model folder and batch there),
 //! BENCH_WORKER_ENV (extra NAME=VALUE,... for both sides' processes, e.g. malloc tunables),
+//! BENCH_GLIBC_DEFAULTS (0; 1 runs the candle side without trainer::alloc's malloc settings),
 //! TORCH_PYTHON (default: the venv's python), RAYON_NUM_THREADS (candle's matmul threads;
 //! default: all cores; PyTorch gets the same count).
 
@@ -32,8 +33,8 @@ use serde_json::{json, Value};
 use server::model::gguf::GgufMetadata;
 use server::model::hf::{read_gguf_as_hf, write_folder};
 use server::model::tokenizer::ModelTokenizer;
-use trainer::model::{linear, masked_cross_entropy, repeat_kv, rms_norm, rope, Llama};
-use trainer::ops::{composed, masked_softmax};
+use trainer::model::{linear, masked_cross_entropy, repeat_kv, rms_norm, Llama};
+use trainer::ops::{composed, masked_softmax, rope_heads};
 use trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
 const KEEP: [usize; 8] = [0, 4, 8, 12, 16, 20, 24, 28];
@@ -218,6 +219,10 @@ fn tensors(b: &BatchData, dev: &Device) -> Result<Tensors> {
 }
 
 fn worker(dir: &Path) -> Result<()> {
+    // As the trainer binary does (BENCH_GLIBC_DEFAULTS=1 measures without it).
+    if env_usize("BENCH_GLIBC_DEFAULTS", 0) == 0 {
+        trainer::alloc::keep_freed_memory();
+    }
     let steps = env_usize("BENCH_STEPS", 5).max(1);
     let warmup = env_usize("BENCH_WARMUP", 1).min(steps - 1);
     let dev = Device::Cpu;
@@ -370,8 +375,8 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
         (same * causal)?.where_cond(&zero, &neg)?.unsqueeze(1)?
     };
     let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> { y.reshape((b, tt, n, d))?.transpose(1, 2)?.contiguous() };
-    let q = rope(&heads(linear(&xn, &l0("self_attn.q_proj"))?, nh)?, &cos, &sin)?.detach();
-    let k = rope(&heads(linear(&xn, &l0("self_attn.k_proj"))?, nkv)?, &cos, &sin)?.detach();
+    let q = rope_heads(&linear(&xn, &l0("self_attn.q_proj"))?, (b, tt, nh, d), &cos, &sin)?.detach();
+    let k = rope_heads(&linear(&xn, &l0("self_attn.k_proj"))?, (b, tt, nkv, d), &cos, &sin)?.detach();
     let v = heads(linear(&xn, &l0("self_attn.v_proj"))?, nkv)?.detach();
     let rep = nh / nkv;
     let scale = 1.0 / (d as f64).sqrt();
@@ -405,8 +410,8 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
         Ok(((linear(&q, &v[4])?.sum_all()? + k.sum_all()?)? + vv.sum_all()?)?)
     })?;
     part("head split + RoPE (q, k) + v split", nl, &[&q_lin, &k_lin, &v_lin], &|v| {
-        let q = rope(&heads(v[0].clone(), nh)?, &cos, &sin)?;
-        let k = rope(&heads(v[1].clone(), nkv)?, &cos, &sin)?;
+        let q = rope_heads(&v[0], (b, tt, nh, d), &cos, &sin)?;
+        let k = rope_heads(&v[1], (b, tt, nkv, d), &cos, &sin)?;
         Ok(((q.sum_all()? + k.sum_all()?)? + heads(v[2].clone(), nkv)?.sum_all()?)?)
     })?;
     // (candle: the scale is applied inside the fused softmax below; the part names are shared

@@ -1,6 +1,7 @@
 //! The trainer: next-token SFT of a student on the teacher's answers that the server recorded
 //! in SQLite, with candle. `train` is the run; the other modules are its parts.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -1,6 +1,7 @@
 use trainer::cli::Command;
 
 fn main() {
+    trainer::alloc::keep_freed_memory();
     let result = match Command::parse() {
         Command::Train(args) => trainer::train::run(args),
         Command::Eval(args) => trainer::train::run_eval(args),

@@ -339,8 +339,8 @@ impl Llama {
         let (nh, nkv, d) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         // [B·T, n·d] → [B, n, T, d]
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = rope(&heads(linear(x, &w(&l.q_proj))?, nh)?, cos, sin)?;
-        let k = rope(&heads(linear(x, &w(&l.k_proj))?, nkv)?, cos, sin)?;
+        let q = ops::rope_heads(&linear(x, &w(&l.q_proj))?, (b, t, nh, d), cos, sin)?;
+        let k = ops::rope_heads(&linear(x, &w(&l.k_proj))?, (b, t, nkv, d), cos, sin)?;
         let v = heads(linear(x, &w(&l.v_proj))?, nkv)?;
         // Grouped-query attention: query head h uses KV head h / (nh / nkv), as HF's repeat_kv.
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
@@ -373,16 +373,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
     let normed = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
     Ok(normed.broadcast_mul(w)?)
-}
-
-/// HF `apply_rotary_pos_emb`: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] over
-/// the two halves of the head dim. `x` is [B, n, T, d], cos/sin [B, 1, T, d].
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 /// [B, kv, T, d] → [B, kv·rep, T, d], each KV head repeated `rep` times consecutively.

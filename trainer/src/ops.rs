@@ -51,6 +51,16 @@ pub mod composed {
         candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(bias)?, D::Minus1)
     }
 
+    /// [B·T, n·d] → [B, n, T, d], then HF's `apply_rotary_pos_emb`.
+    pub fn rope_heads(x: &Tensor, (b, t, n, d): (usize, usize, usize, usize), cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?;
+        let half = d / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+
     pub fn masked_token_ce(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
         let picked = logp.gather(&targets.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?;
@@ -65,11 +75,37 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<
     Ok(&v[a..b])
 }
 
+/// The contiguous values of a CPU tensor of dtype `T`, borrowed from its storage (no copy).
+pub(crate) struct CpuSlice<'a, T> {
+    guard: std::sync::RwLockReadGuard<'a, candle_core::Storage>,
+    range: (usize, usize),
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: WithDType> CpuSlice<'_, T> {
+    pub(crate) fn get(&self) -> &[T] {
+        let candle_core::Storage::Cpu(s) = &*self.guard else { unreachable!("checked in cpu_slice") };
+        &T::of(s).expect("checked in cpu_slice")[self.range.0..self.range.1]
+    }
+}
+
+/// `t`'s values if it is a contiguous CPU tensor of dtype `T`.
+pub(crate) fn cpu_slice<T: WithDType>(t: &Tensor) -> Option<CpuSlice<'_, T>> {
+    let (guard, layout) = t.storage_and_layout();
+    let range = layout.contiguous_offsets()?;
+    match &*guard {
+        candle_core::Storage::Cpu(s) if T::of(s).is_some() => {}
+        _ => return None,
+    }
+    Some(CpuSlice { guard, range, _t: std::marker::PhantomData })
+}
+
 /// f32 and f64, for kernels written once.
-trait WithDType: Float + Send + Sync + 'static {
+pub(crate) trait WithDType: Float + Send + Sync + 'static {
     const DTYPE: DType;
     fn of(s: &CpuStorage) -> Option<&[Self]>;
     fn storage(v: Vec<Self>) -> CpuStorage;
+    fn tensor(v: Vec<Self>, shape: Shape) -> Result<Tensor>;
 }
 
 impl WithDType for f32 {
@@ -84,6 +120,9 @@ impl WithDType for f32 {
     fn storage(v: Vec<f32>) -> CpuStorage {
         CpuStorage::F32(v)
     }
+    fn tensor(v: Vec<f32>, shape: Shape) -> Result<Tensor> {
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
 }
 
 impl WithDType for f64 {
@@ -97,6 +136,9 @@ impl WithDType for f64 {
     }
     fn storage(v: Vec<f64>) -> CpuStorage {
         CpuStorage::F64(v)
+    }
+    fn tensor(v: Vec<f64>, shape: Shape) -> Result<Tensor> {
+        Tensor::from_vec(v, shape, &Device::Cpu)
     }
 }
 
@@ -271,5 +313,103 @@ impl CustomOp2 for MaskedCeBwd {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, ce_bwd(self, s1, l1, s2, l2))
+    }
+}
+
+/// Splits projections into heads and applies RoPE in one pass: `x` [B·T, n·d] (a q or k
+/// projection) → [B, n, T, d], rotated HF style (`x·cos + rotate_half(x)·sin`, with
+/// rotate_half(x) = [−x₂, x₁]); `cos`/`sin` [B, 1, T, d] hold the same angle in both halves.
+/// The composed version (reshape, transpose, copy, two narrows, neg, cat, two products, sum)
+/// keeps six copies of the tensor for the backward; this keeps none beyond its input. The
+/// backward is the inverse rotation, also fused.
+pub fn rope_heads(x: &Tensor, (b, t, n, d): (usize, usize, usize, usize), cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused(x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() && d % 2 == 0 {
+        let op = RopeHeads { dims: (b, t, n, d), cos: cos.contiguous()?, sin: sin.contiguous()? };
+        x.contiguous()?.apply_op1(op)
+    } else {
+        composed::rope_heads(x, (b, t, n, d), cos, sin)
+    }
+}
+
+struct RopeHeads {
+    dims: (usize, usize, usize, usize),
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Rotates `src` (one head's d values at one position) into `dst`; `sign` −1 for the inverse.
+#[inline]
+fn rotate<T: WithDType>(src: &[T], cos: &[T], sin: &[T], sign: T, dst: &mut [T]) {
+    let half = src.len() / 2;
+    for i in 0..half {
+        let (a, c) = (src[i], src[i + half]);
+        dst[i] = a * cos[i] - sign * c * sin[i];
+        dst[i + half] = c * cos[i + half] + sign * a * sin[i + half];
+    }
+}
+
+fn rope_fwd<T: WithDType>(op: &RopeHeads, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (b, t, n, d) = op.dims;
+    let x = slice::<T>(s, l, "projection")?;
+    if l.dims() != [b * t, n * d] {
+        bail!("rope_heads: input must be [{}, {}], got {:?}", b * t, n * d, l.dims());
+    }
+    let (Some(cos), Some(sin)) = (cpu_slice::<T>(&op.cos), cpu_slice::<T>(&op.sin)) else { bail!("rope_heads: cos/sin must be CPU tensors of the input's dtype") };
+    let (cos, sin) = (cos.get(), sin.get());
+    if cos.len() != b * t * d || sin.len() != b * t * d {
+        bail!("rope_heads: cos/sin must be [{b}, 1, {t}, {d}]");
+    }
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d).enumerate().for_each(|(o, dst)| {
+        let (bi, h, ti) = (o / (n * t), (o / t) % n, o % t);
+        let row = bi * t + ti;
+        let src = &x[row * n * d + h * d..row * n * d + (h + 1) * d];
+        rotate(src, &cos[row * d..(row + 1) * d], &sin[row * d..(row + 1) * d], T::one(), dst);
+    });
+    Ok((T::storage(out), Shape::from((b, n, t, d))))
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s, rope_fwd(self, s, l))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = RopeHeadsBwd { dims: self.dims, cos: self.cos.clone(), sin: self.sin.clone() };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// [B, n, T, d] gradient → [B·T, n·d]: rotated back (the rotation's transpose is its inverse).
+struct RopeHeadsBwd {
+    dims: (usize, usize, usize, usize),
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn rope_bwd<T: WithDType>(op: &RopeHeadsBwd, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (b, t, n, d) = op.dims;
+    let g = slice::<T>(s, l, "gradient")?;
+    let (Some(cos), Some(sin)) = (cpu_slice::<T>(&op.cos), cpu_slice::<T>(&op.sin)) else { bail!("rope_heads: cos/sin dtype") };
+    let (cos, sin) = (cos.get(), sin.get());
+    let mut dx = vec![T::zero(); g.len()];
+    dx.par_chunks_mut(n * d).enumerate().for_each(|(row, dst)| {
+        let (bi, ti) = (row / t, row % t);
+        for h in 0..n {
+            let src = &g[((bi * n + h) * t + ti) * d..((bi * n + h) * t + ti + 1) * d];
+            rotate(src, &cos[row * d..(row + 1) * d], &sin[row * d..(row + 1) * d], -T::one(), &mut dst[h * d..(h + 1) * d]);
+        }
+    });
+    Ok((T::storage(dx), Shape::from((b * t, n * d))))
+}
+
+impl CustomOp1 for RopeHeadsBwd {
+    fn name(&self) -> &'static str {
+        "rope-heads-bwd"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s, rope_bwd(self, s, l))
     }
 }

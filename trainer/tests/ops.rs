@@ -158,3 +158,28 @@ fn fused_cross_entropy_refuses_a_target_outside_the_vocabulary() {
     let err = masked_token_ce(&x, &targets, &mask).unwrap_err().to_string();
     assert!(err.contains("target id 4 is outside the vocabulary of 4"), "{err}");
 }
+
+#[test]
+fn fused_rope_heads_equals_composed_and_its_gradient() {
+    use trainer::ops::rope_heads;
+    let (b, t, n, d) = (2, 5, 3, 8);
+    // HF tables: the same angle in both halves.
+    let angles: Vec<f64> = (0..b * t).flat_map(|r| (0..d).map(move |i| (r % t) as f64 * 0.7 / (1.0 + (i % (d / 2)) as f64))).collect();
+    for (dtype, tol) in [(DType::F64, 1e-13), (DType::F32, 1e-5)] {
+        let cos = tensor(angles.iter().map(|a| a.cos()).collect(), &[b, 1, t, d], dtype);
+        let sin = tensor(angles.iter().map(|a| a.sin()).collect(), &[b, 1, t, d], dtype);
+        let x = Var::from_tensor(&tensor(noise(9, b * t * n * d, 2.0), &[b * t, n * d], dtype)).unwrap();
+        let fused = rope_heads(x.as_tensor(), (b, t, n, d), &cos, &sin).unwrap();
+        let reference = composed::rope_heads(x.as_tensor(), (b, t, n, d), &cos, &sin).unwrap();
+        assert_eq!(fused.dims(), &[b, n, t, d]);
+        assert!(max_rel(&values(&fused), &values(&reference)) <= tol);
+        let gf = weighted(&fused, 10).backward().unwrap();
+        let gr = weighted(&reference, 10).backward().unwrap();
+        assert!(max_rel(&values(gf.get(&x).unwrap()), &values(gr.get(&x).unwrap())) <= tol, "{dtype:?} gradient");
+        if dtype == DType::F64 {
+            let f = |x: &Tensor| weighted(&rope_heads(x, (b, t, n, d), &cos, &sin).unwrap(), 11);
+            let e = finite_difference_check(&f, noise(12, b * t * n * d, 2.0), &[b * t, n * d]);
+            assert!(e < 1e-6, "finite differences: {e}");
+        }
+    }
+}
