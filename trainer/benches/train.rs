@@ -34,7 +34,7 @@ use server::model::gguf::GgufMetadata;
 use server::model::hf::{read_gguf_as_hf, write_folder};
 use server::model::tokenizer::ModelTokenizer;
 use trainer::model::{linear, masked_cross_entropy, repeat_kv, rms_norm, Llama};
-use trainer::ops::{composed, masked_softmax, rope_heads};
+use trainer::ops::{composed, masked_softmax, rope_heads, silu_mul};
 use trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
 const KEEP: [usize; 8] = [0, 4, 8, 12, 16, 20, 24, 28];
@@ -425,7 +425,7 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
     part("MLP projections (gate, up, down)", nl, &[&xn, &wg, &wu, &wd], &|v| {
         Ok(linear(&(linear(&v[0], &v[1])? + linear(&v[0], &v[2])?)?, &v[3])?)
     })?;
-    part("SwiGLU silu(g)*u", nl, &[&gate_in, &up_in], &|v| Ok((v[0].silu()? * &v[1])?))?;
+    part("SwiGLU silu(g)*u", nl, &[&gate_in, &up_in], &|v| Ok(silu_mul(&v[0], &v[1])?))?;
     part("residual adds (x2 per layer)", 2 * nl, &[&x, &attn_out], &|v| Ok((&v[0] + &v[1])?))?;
     // Once per step.
     part("embedding gather", 1, &[e], &|v| Ok(v[0].index_select(&flat_input, 0)?))?;

@@ -344,9 +344,13 @@ impl Llama {
         let v = heads(linear(x, &w(&l.v_proj))?, nkv)?;
         // Grouped-query attention: query head h uses KV head h / (nh / nkv), as HF's repeat_kv.
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
-        let scores = q.matmul(&k.t()?)?;
         let dt = softmax_dtype(self.dtype);
-        let probs = ops::masked_softmax(&scores.to_dtype(dt)?, bias, 1.0 / (d as f64).sqrt())?.to_dtype(self.dtype)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let probs = if dt == self.dtype {
+            ops::attention_probs(&q, &k, bias, scale)?
+        } else {
+            ops::masked_softmax(&q.matmul(&k.t()?)?.to_dtype(dt)?, bias, scale)?.to_dtype(self.dtype)?
+        };
         let out = probs.matmul(&v)?; // [B, nh, T, d]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * d))?;
         linear(&out, &w(&l.o_proj))
@@ -369,6 +373,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// HF LlamaRMSNorm: x / sqrt(mean(x²) + eps) · w, computed in f32 for half-precision input.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let dt = x.dtype();
+    if softmax_dtype(dt) == dt {
+        return Ok(ops::rms_norm(x, w, eps as f64)?);
+    }
     let xf = x.to_dtype(softmax_dtype(dt))?;
     let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
     let normed = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
@@ -386,9 +393,9 @@ pub fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
 
 /// SwiGLU: down(silu(gate(x)) ⊙ up(x)).
 fn mlp(l: &Layer, x: &Tensor, w: &dyn Fn(&Var) -> Tensor) -> Result<Tensor> {
-    let g = linear(x, &w(&l.gate_proj))?.silu()?;
+    let g = linear(x, &w(&l.gate_proj))?;
     let u = linear(x, &w(&l.up_proj))?;
-    linear(&(g * u)?, &w(&l.down_proj))
+    linear(&ops::silu_mul(&g, &u)?, &w(&l.down_proj))
 }
 
 /// Summed next-token cross-entropy over the positions where `mask` is non-zero (a mask value

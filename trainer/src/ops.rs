@@ -13,6 +13,17 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout,
 use num_traits::Float;
 use rayon::prelude::*;
 
+/// Runs `f::<f32>` or `f::<f64>` by the storage's dtype.
+macro_rules! by_dtype {
+    ($s:expr, $f:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            other => bail!("fused op: f32 or f64 only, got {:?}", other.dtype()),
+        }
+    };
+}
+
 /// Whether `t` can take the fused kernels.
 fn fused(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
@@ -26,6 +37,53 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
         scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax { scale })
     } else {
         composed::masked_softmax(scores, bias, scale)
+    }
+}
+
+/// `softmax(scale · q·kᵀ + bias)`: `q` [B, H, T, d], `k` [B, H, S, d] (heads already
+/// repeated for grouped-query attention), `bias` as in [`masked_softmax`]. The same function
+/// as `masked_softmax(q.matmul(kᵀ))`, but the autograd graph keeps only q, k (which the model
+/// keeps anyway) and the output: the [B, H, T, S] scores are freed as soon as the softmax is
+/// taken. The backward recomputes nothing: dS from the output, then dq = dS·k, dk = dSᵀ·q.
+pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused(q) && k.dtype() == q.dtype() && bias.dtype() == q.dtype() {
+        // Not recorded: the op below stands for the product and the softmax together.
+        let scores = q.detach().matmul(&k.detach().t()?)?;
+        let op = AttentionProbs { scores: std::sync::Mutex::new(Some(scores)), bias: bias.contiguous()?, scale };
+        q.apply_op2(k, op)
+    } else {
+        masked_softmax(&q.matmul(&k.t()?)?, bias, scale)
+    }
+}
+
+struct AttentionProbs {
+    /// The product q·kᵀ, computed by candle's matmul before the op runs and taken (freed) by
+    /// its forward.
+    scores: std::sync::Mutex<Option<Tensor>>,
+    bias: Tensor,
+    scale: f64,
+}
+
+fn attention_probs_fwd<T: WithDType>(op: &AttentionProbs) -> Result<(CpuStorage, Shape)> {
+    let scores = op.scores.lock().unwrap().take();
+    let Some(scores) = scores else { bail!("attention_probs: forward run twice") };
+    let (Some(x), Some(bias)) = (cpu_slice::<T>(&scores), cpu_slice::<T>(&op.bias)) else { bail!("attention_probs: CPU tensors of one dtype") };
+    let y = softmax_rows(x.get(), scores.dims(), bias.get(), op.bias.dims(), op.scale)?;
+    Ok((T::storage(y), scores.shape().clone()))
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, _l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, attention_probs_fwd(self))
+    }
+    fn bwd(&self, q: &Tensor, k: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        let dq = ds.matmul(&k.detach())?;
+        let dk = ds.t()?.matmul(&q.detach())?;
+        Ok((Some(dq), Some(dk)))
     }
 }
 
@@ -59,6 +117,15 @@ pub mod composed {
         let x2 = x.narrow(D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+
+    pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        g.silu()? * u
+    }
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv)?.broadcast_mul(w)
     }
 
     pub fn masked_token_ce(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -142,17 +209,6 @@ impl WithDType for f64 {
     }
 }
 
-/// Runs `f::<f32>` or `f::<f64>` by the storage's dtype.
-macro_rules! by_dtype {
-    ($s:expr, $f:ident ( $($arg:expr),* )) => {
-        match $s {
-            CpuStorage::F32(_) => $f::<f32>($($arg),*),
-            CpuStorage::F64(_) => $f::<f64>($($arg),*),
-            other => bail!("fused op: f32 or f64 only, got {:?}", other.dtype()),
-        }
-    };
-}
-
 /// max and log Σ exp(x − max) of a row (the sum accumulated in f64); max is −∞ for a row of −∞.
 fn max_and_lse<T: WithDType>(row: &[T]) -> (T, T) {
     let max = row.iter().copied().fold(T::neg_infinity(), T::max);
@@ -169,9 +225,15 @@ struct MaskedSoftmax {
 
 fn softmax_fwd<T: WithDType>(scale: f64, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
     let (x, bias) = (slice::<T>(s1, l1, "scores")?, slice::<T>(s2, l2, "bias")?);
-    let &[b, h, t, n] = l1.dims() else { bail!("scores must be [B, H, T, S], got {:?}", l1.dims()) };
-    if l2.dims() != [b, 1, t, n] {
-        bail!("bias must be [{b}, 1, {t}, {n}], got {:?}", l2.dims());
+    let y = softmax_rows(x, l1.dims(), bias, l2.dims(), scale)?;
+    Ok((T::storage(y), l1.shape().clone()))
+}
+
+/// The rows of `softmax(scale · x + bias)`; x [B, H, T, S], bias [B, 1, T, S].
+fn softmax_rows<T: WithDType>(x: &[T], dims: &[usize], bias: &[T], bias_dims: &[usize], scale: f64) -> Result<Vec<T>> {
+    let &[b, h, t, n] = dims else { bail!("scores must be [B, H, T, S], got {dims:?}") };
+    if bias_dims != [b, 1, t, n] {
+        bail!("bias must be [{b}, 1, {t}, {n}], got {bias_dims:?}");
     }
     let scale = T::from(scale).unwrap();
     let mut y = vec![T::zero(); x.len()];
@@ -179,18 +241,25 @@ fn softmax_fwd<T: WithDType>(scale: f64, s1: &CpuStorage, l1: &Layout, s2: &CpuS
         let (bi, ti) = (r / (h * t), r % t);
         let src = &x[r * n..(r + 1) * n];
         let m = &bias[(bi * t + ti) * n..(bi * t + ti + 1) * n];
+        let mut max = T::neg_infinity();
         for (o, (a, c)) in out.iter_mut().zip(src.iter().zip(m)) {
             *o = *a * scale + *c;
+            max = max.max(*o);
         }
-        let (max, lse) = max_and_lse(out);
         if max == T::neg_infinity() {
             out.iter_mut().for_each(|o| *o = T::zero());
             return;
         }
-        let shift = max + lse;
-        out.iter_mut().for_each(|o| *o = (*o - shift).exp());
+        // exp once per entry (masked ones are exactly 0), the sum in f64.
+        let mut sum = 0f64;
+        for o in out.iter_mut() {
+            *o = if *o == T::neg_infinity() { T::zero() } else { (*o - max).exp() };
+            sum += o.to_f64().unwrap();
+        }
+        let inv = T::from(1.0 / sum).unwrap();
+        out.iter_mut().for_each(|o| *o = *o * inv);
     });
-    Ok((T::storage(y), l1.shape().clone()))
+    Ok(y)
 }
 
 impl CustomOp2 for MaskedSoftmax {
@@ -411,5 +480,162 @@ impl CustomOp1 for RopeHeadsBwd {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s, rope_bwd(self, s, l))
+    }
+}
+
+/// SwiGLU's gate: `silu(g) ⊙ u`, one pass each way (composed: sigmoid, product, product, kept
+/// for the backward). `g`, `u` [N, F].
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if fused(g) && u.dtype() == g.dtype() && g.dims() == u.dims() {
+        g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
+    } else {
+        composed::silu_mul(g, u)
+    }
+}
+
+struct SiluMul;
+
+fn sigmoid<T: WithDType>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+fn silu_mul_fwd<T: WithDType>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (g, u) = (slice::<T>(s1, l1, "gate")?, slice::<T>(s2, l2, "up")?);
+    let mut y = vec![T::zero(); g.len()];
+    y.par_chunks_mut(1 << 14).enumerate().for_each(|(c, out)| {
+        let lo = c << 14;
+        for (i, o) in out.iter_mut().enumerate() {
+            let a = g[lo + i];
+            *o = a * sigmoid(a) * u[lo + i];
+        }
+    });
+    Ok((T::storage(y), l1.shape().clone()))
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, silu_mul_fwd(s1, l1, s2, l2))
+    }
+    /// dg = grad ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), du = grad ⊙ silu(g).
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = Tensor::stack(&[g, u], 0)?.apply_op2_no_bwd(&grad.contiguous()?, &SiluMulBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// Input [2, N, F] = (g, u) stacked, and the gradient [N, F]; output [2, N, F] = (dg, du).
+struct SiluMulBwd;
+
+fn silu_mul_bwd<T: WithDType>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (gu, gr) = (slice::<T>(s1, l1, "gate and up")?, slice::<T>(s2, l2, "gradient")?);
+    let n = gr.len();
+    let (g, u) = gu.split_at(n);
+    let mut out = vec![T::zero(); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    dg.par_chunks_mut(1 << 14).zip(du.par_chunks_mut(1 << 14)).enumerate().for_each(|(c, (dg, du))| {
+        let lo = c << 14;
+        for i in 0..dg.len() {
+            let (a, b, y) = (g[lo + i], u[lo + i], gr[lo + i]);
+            let s = sigmoid(a);
+            dg[i] = y * b * s * (T::one() + a * (T::one() - s));
+            du[i] = y * a * s;
+        }
+    });
+    Ok((T::storage(out), l1.shape().clone()))
+}
+
+impl CustomOp2 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "silu-mul-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, silu_mul_bwd(s1, l1, s2, l2))
+    }
+}
+
+/// HF LlamaRMSNorm `x / sqrt(mean(x²) + eps) · w` over the last dim, one pass each way
+/// (composed: square, mean, add, sqrt, reciprocal, two products). `x` [N, H], `w` [H].
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(x) && w.dtype() == x.dtype() && x.rank() == 2 && w.dims() == [x.dim(1)?] {
+        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+    } else {
+        composed::rms_norm(x, w, eps)
+    }
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+/// 1 / sqrt(mean(row²) + eps), accumulated in f64.
+fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> T {
+    let ms = row.iter().map(|v| v.to_f64().unwrap().powi(2)).sum::<f64>() / row.len() as f64;
+    T::from(1.0 / (ms + eps).sqrt()).unwrap()
+}
+
+fn rms_norm_fwd<T: WithDType>(eps: f64, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, w) = (slice::<T>(s1, l1, "input")?, slice::<T>(s2, l2, "weight")?);
+    let h = w.len();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(h).enumerate().for_each(|(r, out)| {
+        let row = &x[r * h..(r + 1) * h];
+        let inv = inv_rms(row, eps);
+        for ((o, a), b) in out.iter_mut().zip(row).zip(w) {
+            *o = *a * inv * *b;
+        }
+    });
+    Ok((T::storage(y), l1.shape().clone()))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, rms_norm_fwd(self.eps, s1, l1, s2, l2))
+    }
+    /// With r = 1/rms(x) and gw = grad ⊙ w: dx = r·gw − x·r³·mean(gw ⊙ x); dw = Σ_rows grad ⊙ x·r.
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &RmsNormBwdX { eps: self.eps, w: w.clone() })?;
+        let h = x.dim(1)?;
+        // dw: per-row r computed again, the column sums by candle.
+        let normed = x.apply_op2_no_bwd(&Tensor::ones(h, x.dtype(), x.device())?, &RmsNorm { eps: self.eps })?;
+        let dw = (normed * grad)?.sum(0)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct RmsNormBwdX {
+    eps: f64,
+    w: Tensor,
+}
+
+fn rms_norm_bwd_x<T: WithDType>(op: &RmsNormBwdX, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (slice::<T>(s1, l1, "input")?, slice::<T>(s2, l2, "gradient")?);
+    let Some(w) = cpu_slice::<T>(&op.w) else { bail!("rms_norm: weight dtype") };
+    let w = w.get();
+    let h = w.len();
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(h).enumerate().for_each(|(r, out)| {
+        let (row, gr) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+        let inv = inv_rms(row, op.eps);
+        let dot = row.iter().zip(gr).zip(w).map(|((a, b), c)| (*a * *b * *c).to_f64().unwrap()).sum::<f64>() / h as f64;
+        let k = T::from(dot).unwrap() * inv * inv * inv;
+        for (((o, a), b), c) in out.iter_mut().zip(row).zip(gr).zip(w) {
+            *o = inv * *b * *c - *a * k;
+        }
+    });
+    Ok((T::storage(dx), l1.shape().clone()))
+}
+
+impl CustomOp2 for RmsNormBwdX {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, rms_norm_bwd_x(self, s1, l1, s2, l2))
     }
 }

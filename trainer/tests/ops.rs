@@ -183,3 +183,60 @@ fn fused_rope_heads_equals_composed_and_its_gradient() {
         }
     }
 }
+
+#[test]
+fn fused_attention_probs_equal_product_then_softmax() {
+    use trainer::ops::attention_probs;
+    let (b, h, t, d) = (2, 3, 8, 4);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let q = Var::from_tensor(&tensor(noise(13, b * h * t * d, 1.5), &[b, h, t, d], dtype)).unwrap();
+        let k = Var::from_tensor(&tensor(noise(14, b * h * t * d, 1.5), &[b, h, t, d], dtype)).unwrap();
+        // Every row has an allowed position (the row with none is covered above).
+        let bias = {
+            let full = bias(b, t, DType::F64);
+            let v: Vec<f64> = values(&full).iter().enumerate().map(|(i, x)| if i % (t * t) == t * t - 1 { 0.0 } else { *x }).collect();
+            tensor(v, &[b, 1, t, t], dtype)
+        };
+        let fused = attention_probs(q.as_tensor(), k.as_tensor(), &bias, 0.5).unwrap();
+        let scores = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
+        let reference = composed::masked_softmax(&scores, &bias, 0.5).unwrap();
+        assert!(max_rel(&values(&fused), &values(&reference)) <= tol);
+        let gf = weighted(&fused, 15).backward().unwrap();
+        let gr = weighted(&reference, 15).backward().unwrap();
+        for v in [&q, &k] {
+            let e = max_rel(&values(gf.get(v).unwrap()), &values(gr.get(v).unwrap()));
+            assert!(e <= tol * 10.0, "{dtype:?} gradient differs by {e}");
+        }
+    }
+}
+
+#[test]
+fn fused_silu_mul_and_rms_norm_equal_composed_and_their_gradients() {
+    use trainer::ops::{rms_norm, silu_mul};
+    let (n, h) = (7, 12);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let a = Var::from_tensor(&tensor(noise(16, n * h, 4.0), &[n, h], dtype)).unwrap();
+        let b = Var::from_tensor(&tensor(noise(17, n * h, 2.0), &[n, h], dtype)).unwrap();
+        let w = Var::from_tensor(&tensor(noise(18, h, 1.0).iter().map(|x| 1.0 + 0.5 * x).collect(), &[h], dtype)).unwrap();
+        let cases: [(&str, Tensor, Tensor, Vec<&Var>); 2] = [
+            ("silu_mul", silu_mul(&a, &b).unwrap(), composed::silu_mul(&a, &b).unwrap(), vec![&a, &b]),
+            ("rms_norm", rms_norm(&a, &w, 1e-5).unwrap(), composed::rms_norm(&a, &w, 1e-5).unwrap(), vec![&a, &w]),
+        ];
+        for (name, fused, reference, vars) in cases {
+            assert!(max_rel(&values(&fused), &values(&reference)) <= tol, "{name} {dtype:?}");
+            let gf = weighted(&fused, 19).backward().unwrap();
+            let gr = weighted(&reference, 19).backward().unwrap();
+            for v in vars {
+                let e = max_rel(&values(gf.get(v).unwrap()), &values(gr.get(v).unwrap()));
+                assert!(e <= tol * 10.0, "{name} {dtype:?} gradient differs by {e}");
+            }
+        }
+    }
+    let wv = tensor(noise(20, h, 1.0).iter().map(|x| 1.0 + 0.5 * x).collect(), &[h], DType::F64);
+    let f = |x: &Tensor| weighted(&rms_norm(x, &wv, 1e-5).unwrap(), 21);
+    let e = finite_difference_check(&f, noise(22, n * h, 3.0), &[n, h]);
+    let u = tensor(noise(23, n * h, 2.0), &[n, h], DType::F64);
+    let g = |x: &Tensor| weighted(&silu_mul(x, &u).unwrap(), 24);
+    let e2 = finite_difference_check(&g, noise(25, n * h, 4.0), &[n, h]);
+    assert!(e < 1e-6 && e2 < 1e-6, "finite differences: rms_norm {e}, silu_mul {e2}");
+}
