@@ -33,8 +33,8 @@ use serde_json::{json, Value};
 use server::model::gguf::GgufMetadata;
 use server::model::hf::{read_gguf_as_hf, write_folder};
 use server::model::tokenizer::ModelTokenizer;
-use trainer::model::{linear, masked_cross_entropy, repeat_kv, rms_norm, Llama};
-use trainer::ops::{composed, masked_softmax, rope_heads, silu_mul};
+use trainer::model::{linear, masked_cross_entropy, rms_norm, Llama};
+use trainer::ops::{attention_values, composed, masked_softmax, rope_heads, silu_mul};
 use trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
 const KEEP: [usize; 8] = [0, 4, 8, 12, 16, 20, 24, 28];
@@ -381,10 +381,13 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
     let rep = nh / nkv;
     let scale = 1.0 / (d as f64).sqrt();
     // As in the model: raw scores, the 1/sqrt(d) scale folded into the fused softmax.
-    let scores = q.matmul(&repeat_kv(k.clone(), rep)?.t()?)?.detach();
+    let grouped_qk = |q: &Tensor, k: &Tensor| -> candle_core::Result<Tensor> {
+        q.reshape((b, nkv, rep * tt, d))?.matmul(&k.t()?)?.reshape((b, nh, tt, tt))
+    };
+    let scores = grouped_qk(&q, &k)?.detach();
     let bias = bias.contiguous()?;
     let probs = masked_softmax(&scores, &bias, scale)?.detach();
-    let attn_out = probs.matmul(&repeat_kv(v.clone(), rep)?)?.transpose(1, 2)?.reshape((b * tt, nh * d))?.detach();
+    let attn_out = attention_values(&probs, &v)?.transpose(1, 2)?.reshape((b * tt, nh * d))?.detach();
     let gate_in = linear(&xn, &l0("mlp.gate_proj"))?.detach();
     let up_in = linear(&xn, &l0("mlp.up_proj"))?.detach();
     let hidden_final = rms_norm(&x, &w("model.norm.weight"), eps)?.detach();
@@ -416,10 +419,11 @@ fn profile(model: &Llama, t: &Tensors, loss_tokens: f32) -> Result<Value> {
     })?;
     // (candle: the scale is applied inside the fused softmax below; the part names are shared
     // with bench/train_torch.py, which divides here.)
-    part("repeat_kv + QK^T / sqrt(d)", nl, &[&q, &k], &|v| Ok(v[0].matmul(&repeat_kv(v[1].clone(), rep)?.t()?)?))?;
+    // (candle: KV heads not repeated, the query heads of a group multiplied as one block.)
+    part("repeat_kv + QK^T / sqrt(d)", nl, &[&q, &k], &|v| Ok(grouped_qk(&v[0], &v[1])?))?;
     part("mask add + softmax [B,H,T,T]", nl, &[&scores], &|v| Ok(masked_softmax(&v[0], &bias, scale)?))?;
     part("repeat_kv + PV + head merge", nl, &[&probs, &v], &|v| {
-        Ok(v[0].matmul(&repeat_kv(v[1].clone(), rep)?)?.transpose(1, 2)?.reshape((b * tt, nh * d))?)
+        Ok(attention_values(&v[0], &v[1])?.transpose(1, 2)?.reshape((b * tt, nh * d))?)
     })?;
     // The SwiGLU product itself is timed below; here a plain sum joins the two branches.
     part("MLP projections (gate, up, down)", nl, &[&xn, &wg, &wu, &wd], &|v| {

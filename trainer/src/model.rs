@@ -342,16 +342,17 @@ impl Llama {
         let q = ops::rope_heads(&linear(x, &w(&l.q_proj))?, (b, t, nh, d), cos, sin)?;
         let k = ops::rope_heads(&linear(x, &w(&l.k_proj))?, (b, t, nkv, d), cos, sin)?;
         let v = heads(linear(x, &w(&l.v_proj))?, nkv)?;
-        // Grouped-query attention: query head h uses KV head h / (nh / nkv), as HF's repeat_kv.
-        let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
+        // Grouped-query attention (query head h uses KV head h / (nh / nkv), as HF's
+        // repeat_kv) without copying the KV heads: see ops::attention_probs.
         let dt = softmax_dtype(self.dtype);
         let scale = 1.0 / (d as f64).sqrt();
         let probs = if dt == self.dtype {
             ops::attention_probs(&q, &k, bias, scale)?
         } else {
+            let k = repeat_kv(k, nh / nkv)?;
             ops::masked_softmax(&q.matmul(&k.t()?)?.to_dtype(dt)?, bias, scale)?.to_dtype(self.dtype)?
         };
-        let out = probs.matmul(&v)?; // [B, nh, T, d]
+        let out = ops::attention_values(&probs, &v)?; // [B, nh, T, d]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * d))?;
         linear(&out, &w(&l.o_proj))
     }

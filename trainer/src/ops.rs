@@ -40,20 +40,36 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
     }
 }
 
-/// `softmax(scale · q·kᵀ + bias)`: `q` [B, H, T, d], `k` [B, H, S, d] (heads already
-/// repeated for grouped-query attention), `bias` as in [`masked_softmax`]. The same function
-/// as `masked_softmax(q.matmul(kᵀ))`, but the autograd graph keeps only q, k (which the model
-/// keeps anyway) and the output: the [B, H, T, S] scores are freed as soon as the softmax is
-/// taken. The backward recomputes nothing: dS from the output, then dq = dS·k, dk = dSᵀ·q.
+/// `softmax(scale · q·kᵀ + bias)`: `q` [B, H, T, d], `k` [B, KV, S, d] with H a multiple of KV
+/// (grouped-query attention: query head h uses KV head h / (H / KV), as HF's `repeat_kv`),
+/// `bias` as in [`masked_softmax`]; → [B, H, T, S]. The KV heads are not repeated: the query
+/// heads sharing one are multiplied as one [rep·T, d] block. The autograd graph keeps only q, k
+/// (which the model keeps anyway) and the output; the [B, H, T, S] scores are freed as soon as
+/// the softmax is taken. The backward: dS from the output, then dq = dS·k, dk = dSᵀ·q.
 pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (_, kv, s_len, _) = k.dims4()?;
+    if h % kv != 0 {
+        bail!("attention_probs: {h} query heads for {kv} KV heads");
+    }
     if fused(q) && k.dtype() == q.dtype() && bias.dtype() == q.dtype() {
         // Not recorded: the op below stands for the product and the softmax together.
-        let scores = q.detach().matmul(&k.detach().t()?)?;
-        let op = AttentionProbs { scores: std::sync::Mutex::new(Some(scores)), bias: bias.contiguous()?, scale };
+        let grouped = q.detach().contiguous()?.reshape((b, kv, (h / kv) * t, d))?;
+        let scores = grouped.matmul(&k.detach().t()?)?.reshape((b, h, t, s_len))?;
+        let op = AttentionProbs { scores: std::sync::Mutex::new(Some(scores)), bias: bias.contiguous()?, scale, kv };
         q.apply_op2(k, op)
     } else {
+        let k = if kv == h { k.clone() } else { k.unsqueeze(2)?.broadcast_as((b, kv, h / kv, s_len, d))?.reshape((b, h, s_len, d))? };
         masked_softmax(&q.matmul(&k.t()?)?, bias, scale)
     }
+}
+
+/// `probs·v` for `probs` [B, H, T, S] and `v` [B, KV, S, d] without repeating the KV heads:
+/// → [B, H, T, d]. Ordinary candle ops (views and one batched product).
+pub fn attention_values(probs: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, t, s_len) = probs.dims4()?;
+    let (_, kv, _, d) = v.dims4()?;
+    probs.contiguous()?.reshape((b, kv, (h / kv) * t, s_len))?.matmul(v)?.reshape((b, h, t, d))
 }
 
 struct AttentionProbs {
@@ -62,6 +78,7 @@ struct AttentionProbs {
     scores: std::sync::Mutex<Option<Tensor>>,
     bias: Tensor,
     scale: f64,
+    kv: usize,
 }
 
 fn attention_probs_fwd<T: WithDType>(op: &AttentionProbs) -> Result<(CpuStorage, Shape)> {
@@ -81,8 +98,12 @@ impl CustomOp2 for AttentionProbs {
     }
     fn bwd(&self, q: &Tensor, k: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let ds = y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
-        let dq = ds.matmul(&k.detach())?;
-        let dk = ds.t()?.matmul(&q.detach())?;
+        let (b, h, t, d) = q.dims4()?;
+        let s_len = k.dim(2)?;
+        let ds = ds.reshape((b, self.kv, (h / self.kv) * t, s_len))?;
+        let dq = ds.matmul(&k.detach())?.reshape((b, h, t, d))?;
+        let q = q.detach().contiguous()?.reshape((b, self.kv, (h / self.kv) * t, d))?;
+        let dk = ds.t()?.matmul(&q)?;
         Ok((Some(dq), Some(dk)))
     }
 }

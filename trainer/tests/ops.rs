@@ -186,25 +186,30 @@ fn fused_rope_heads_equals_composed_and_its_gradient() {
 
 #[test]
 fn fused_attention_probs_equal_product_then_softmax() {
-    use trainer::ops::attention_probs;
-    let (b, h, t, d) = (2, 3, 8, 4);
+    use trainer::ops::{attention_probs, attention_values};
+    let (b, h, kv, t, d) = (2, 6, 2, 8, 4);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
         let q = Var::from_tensor(&tensor(noise(13, b * h * t * d, 1.5), &[b, h, t, d], dtype)).unwrap();
-        let k = Var::from_tensor(&tensor(noise(14, b * h * t * d, 1.5), &[b, h, t, d], dtype)).unwrap();
+        let k = Var::from_tensor(&tensor(noise(14, b * kv * t * d, 1.5), &[b, kv, t, d], dtype)).unwrap();
+        let v = Var::from_tensor(&tensor(noise(26, b * kv * t * d, 1.5), &[b, kv, t, d], dtype)).unwrap();
         // Every row has an allowed position (the row with none is covered above).
         let bias = {
             let full = bias(b, t, DType::F64);
             let v: Vec<f64> = values(&full).iter().enumerate().map(|(i, x)| if i % (t * t) == t * t - 1 { 0.0 } else { *x }).collect();
             tensor(v, &[b, 1, t, t], dtype)
         };
-        let fused = attention_probs(q.as_tensor(), k.as_tensor(), &bias, 0.5).unwrap();
-        let scores = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
-        let reference = composed::masked_softmax(&scores, &bias, 0.5).unwrap();
+        // Reference: HF's repeat_kv (each KV head repeated for its h / kv query heads), then
+        // the product, the softmax and the product with the values.
+        let repeat = |x: &Tensor| x.unsqueeze(2).unwrap().broadcast_as((b, kv, h / kv, t, d)).unwrap().reshape((b, h, t, d)).unwrap();
+        let fused = attention_values(&attention_probs(q.as_tensor(), k.as_tensor(), &bias, 0.5).unwrap(), v.as_tensor()).unwrap();
+        let scores = q.as_tensor().matmul(&repeat(k.as_tensor()).t().unwrap()).unwrap();
+        let reference = composed::masked_softmax(&scores, &bias, 0.5).unwrap().matmul(&repeat(v.as_tensor())).unwrap();
+        assert_eq!(fused.dims(), &[b, h, t, d]);
         assert!(max_rel(&values(&fused), &values(&reference)) <= tol);
         let gf = weighted(&fused, 15).backward().unwrap();
         let gr = weighted(&reference, 15).backward().unwrap();
-        for v in [&q, &k] {
-            let e = max_rel(&values(gf.get(v).unwrap()), &values(gr.get(v).unwrap()));
+        for x in [&q, &k, &v] {
+            let e = max_rel(&values(gf.get(x).unwrap()), &values(gr.get(x).unwrap()));
             assert!(e <= tol * 10.0, "{dtype:?} gradient differs by {e}");
         }
     }
