@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod queue;
 pub mod recorder;
+pub mod soft_labels;
 pub mod store;
 pub mod submit;
 pub mod teacher;
