@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod llama;
+pub mod logprobs;
 #[cfg(feature = "mistralrs")]
 pub mod mistral;
 pub mod quant;
