@@ -7,6 +7,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod init;
+pub mod kd;
 pub mod model;
 pub mod ops;
 pub mod optim;
