@@ -84,7 +84,7 @@ fn a_panic_inside_the_engine_fails_only_its_request() {
     let prompt = ids(&fixtures()[0]["prompt_ids"]);
     let submit = |stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>| {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 8, stop_ids: vec![2], stop_check, reply }).unwrap();
+        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 8, stop_ids: vec![2], stop_check, top_k: 0, reply }).unwrap();
         rx
     };
     let bad = submit(Some(Box::new(|_: &[u32]| -> bool { panic!("boom") })));
@@ -96,4 +96,41 @@ fn a_panic_inside_the_engine_fails_only_its_request() {
     // The engine thread is still serving.
     let again = submit(None).blocking_recv().unwrap().unwrap();
     assert_eq!(again.ids, good.ids);
+}
+
+/// Soft labels from the engine: at every answer position the emitted token is the top-1, the
+/// log-probabilities are ≤ 0, sorted, their mass ≤ 1, and they equal a log-softmax computed
+/// here over the full logits of a teacher-forced pass over prompt + answer (to 1e-4).
+#[test]
+fn soft_labels_are_exact_log_probabilities_of_the_greedy_answer() {
+    use server::engine::scheduler::{Job, Scheduler};
+    let prompt = ids(&fixtures()[0]["prompt_ids"]);
+    for precision in [Precision::Quantized, Precision::F32] {
+        let sched = Scheduler::start(Llama::load(&smollm2_gguf(), precision).unwrap(), 4);
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 24, stop_ids: vec![2], stop_check: None, top_k: 20, reply }).unwrap();
+        let g = rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(g.soft_labels.len(), g.ids.len());
+        let model = Llama::load(&smollm2_gguf(), precision).unwrap();
+        let full: Vec<u32> = prompt.iter().chain(&g.ids).copied().collect();
+        let mut cache = KvCache::new(&model.cfg);
+        let all = model.forward(&mut [Chunk { cache: &mut cache, tokens: &full, all_logits: true }]).unwrap().remove(0);
+        let v = model.cfg.vocab;
+        let mut worst = 0f64;
+        for (i, (pos, &id)) in g.soft_labels.iter().zip(&g.ids).enumerate() {
+            assert_eq!(pos.top.len(), 20);
+            assert_eq!(pos.top[0].0, id, "position {i}: the greedy token is the top-1");
+            assert_eq!(pos.chosen_logprob, pos.top[0].1);
+            assert!(pos.top.windows(2).all(|w| w[0].1 >= w[1].1) && pos.top[0].1 <= 0.0);
+            assert!(pos.top.iter().map(|t| (t.1 as f64).exp()).sum::<f64>() <= 1.0 + 1e-6);
+            // The logits that predicted answer token i: row prompt.len() - 1 + i.
+            let row = &all[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
+            let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+            for &(tid, lp) in &pos.top {
+                worst = worst.max((lp as f64 - (row[tid as usize] as f64 - lse)).abs());
+            }
+        }
+        eprintln!("{precision:?}: soft labels vs teacher-forced log-softmax, worst |Δ| {worst:.2e} over {} positions", g.ids.len());
+        assert!(worst < 1e-4, "{precision:?}: {worst}");
+    }
 }

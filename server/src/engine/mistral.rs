@@ -157,6 +157,6 @@ impl MistralEngine {
         } else {
             "length"
         };
-        Ok(Generated { ids, finish, elapsed: started.elapsed() })
+        Ok(Generated { ids, finish, elapsed: started.elapsed(), soft_labels: Vec::new() })
     }
 }

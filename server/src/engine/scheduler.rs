@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::llama::{argmax, Chunk, KvCache, Llama};
+use super::logprobs::top_k;
+use crate::soft_labels::Position;
 
 /// One greedy generation.
 pub struct Job {
@@ -18,6 +20,8 @@ pub struct Job {
     pub stop_ids: Vec<u32>,
     /// Called with the ids so far; returns true when a stop string has appeared.
     pub stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>,
+    /// Soft labels: the top-k log-probabilities recorded at every answer position (0: none).
+    pub top_k: usize,
     pub reply: oneshot::Sender<Result<Generated, String>>,
 }
 
@@ -28,12 +32,15 @@ pub struct Generated {
     /// `stop` (a stop id or stop string) or `length`.
     pub finish: &'static str,
     pub elapsed: Duration,
+    /// One per id in `ids` when the job asked for `top_k` > 0 (see `engine::logprobs`).
+    pub soft_labels: Vec<Position>,
 }
 
 struct Active {
     job: Job,
     cache: KvCache,
     out: Vec<u32>,
+    soft: Vec<Position>,
     /// The next input token, or None while the prompt is still to be processed.
     next: Option<u32>,
     started: Instant,
@@ -103,7 +110,14 @@ fn run(mut model: Llama, rx: mpsc::Receiver<Job>, max_batch: usize) {
             if need > model.max_positions() {
                 model.reserve_positions(need.next_power_of_two());
             }
-            active.push(Active { cache: KvCache::new(&model.cfg), out: Vec::new(), next: None, started: Instant::now(), job });
+            active.push(Active {
+                cache: KvCache::new(&model.cfg),
+                out: Vec::new(),
+                soft: Vec::new(),
+                next: None,
+                started: Instant::now(),
+                job,
+            });
         }
         let step = catch_unwind(AssertUnwindSafe(|| step(&model, &mut active)));
         match step {
@@ -123,7 +137,8 @@ fn run(mut model: Llama, rx: mpsc::Receiver<Job>, max_batch: usize) {
             match catch_unwind(AssertUnwindSafe(|| finished(&active[i]))) {
                 Ok(Some(finish)) => {
                     let a = active.swap_remove(i);
-                    let _ = a.job.reply.send(Ok(Generated { ids: a.out, finish, elapsed: a.started.elapsed() }));
+                    let done = Generated { ids: a.out, finish, elapsed: a.started.elapsed(), soft_labels: a.soft };
+                    let _ = a.job.reply.send(Ok(done));
                 }
                 Ok(None) => i += 1,
                 Err(_) => {
@@ -172,6 +187,9 @@ fn step(model: &Llama, active: &mut [Active]) -> anyhow::Result<()> {
     let logits = model.forward(&mut chunks)?;
     for (a, l) in active.iter_mut().zip(logits) {
         let t = argmax(&l);
+        if a.job.top_k > 0 {
+            a.soft.push(top_k(&l, a.job.top_k, t));
+        }
         a.out.push(t);
         a.next = Some(t);
     }

@@ -41,7 +41,7 @@ impl Engine {
         match self {
             Engine::Native(scheduler) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
-                scheduler.submit(Job { prompt, max_new_tokens, stop_ids, stop_check, reply })?;
+                scheduler.submit(Job { prompt, max_new_tokens, stop_ids, stop_check, top_k: 0, reply })?;
                 answer.await.map_err(|_| "the engine dropped the request".to_string())?
             }
             #[cfg(feature = "mistralrs")]
