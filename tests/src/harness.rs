@@ -276,13 +276,19 @@ pub fn smollm2_greedy_fixtures() -> Vec<serde_json::Value> {
 /// The python of the llama.cpp venv that `scripts/setup-llama-server.sh` makes
 /// (`LLAMA_SERVER_PYTHON` overrides it); it may not exist yet.
 pub fn llama_python() -> PathBuf {
-    if let Ok(p) = std::env::var("LLAMA_SERVER_PYTHON") {
+    venv_python("LLAMA_SERVER_PYTHON", "llama-venv")
+}
+
+/// `$override_var` if set, else the python of the venv `name` that the repo's setup scripts
+/// make under `${XDG_CACHE_HOME:-~/.cache}/distill/`; it may not exist yet.
+pub fn venv_python(override_var: &str, name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(override_var) {
         return PathBuf::from(p);
     }
     let cache = std::env::var("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
-    cache.join("distill/llama-venv/bin/python")
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+    cache.join("distill").join(name).join("bin/python")
 }
 
 /// A GGUF with SmolLM2's tokenizer metadata, the given architecture and no tensors (for

@@ -30,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
+use distill_tests::harness::{repo_root, smollm2_gguf, venv_python};
 use server::model::gguf::GgufMetadata;
 use server::model::hf::{read_gguf_as_hf, write_folder};
 use server::model::tokenizer::ModelTokenizer;
@@ -44,20 +45,6 @@ const WORKER_ENV: &str = "TRAIN_BENCH_WORKER";
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn torch_python() -> PathBuf {
-    if let Ok(p) = std::env::var("TORCH_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
-    cache.join("distill/torch-venv/bin/python")
 }
 
 /// A line of /proc/self/status in MiB (VmRSS: now, VmHWM: peak).
@@ -476,10 +463,7 @@ fn main() -> Result<()> {
     let seq = env_usize("BENCH_SEQ", 512);
     let steps = env_usize("BENCH_STEPS", 5).max(1);
     let warmup = env_usize("BENCH_WARMUP", 1).min(steps - 1);
-    let gguf = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        bail!("{} missing: run scripts/fetch-model.sh", gguf.display());
-    }
+    let gguf = smollm2_gguf();
 
     // The student, written as an HF folder, and the batch.
     // BENCH_DIR keeps the folder and batch (to rerun one side by hand: TRAIN_BENCH_WORKER=DIR
@@ -515,7 +499,7 @@ fn main() -> Result<()> {
     candle.env(WORKER_ENV, dir).env("RAYON_NUM_THREADS", threads.to_string()).envs(extra_env.iter().cloned());
     let candle = run_json(candle, "the candle worker")?;
 
-    let python = torch_python();
+    let python = venv_python("TORCH_PYTHON", "torch-venv");
     let script = repo_root().join("bench/train_torch.py");
     let mut torch_runs: Vec<Value> = Vec::new();
     if python.exists() {

@@ -349,7 +349,7 @@ impl Llama {
         let probs = if dt == self.dtype {
             ops::attention_probs(&q, &k, bias, scale)?
         } else {
-            let k = repeat_kv(k, nh / nkv)?;
+            let k = ops::composed::repeat_kv(&k, nh / nkv)?;
             ops::masked_softmax(&q.matmul(&k.t()?)?.to_dtype(dt)?, bias, scale)?.to_dtype(self.dtype)?
         };
         let out = ops::attention_values(&probs, &v)?; // [B, nh, T, d]
@@ -381,15 +381,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
     let normed = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
     Ok(normed.broadcast_mul(w)?)
-}
-
-/// [B, kv, T, d] → [B, kv·rep, T, d], each KV head repeated `rep` times consecutively.
-pub fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))?)
 }
 
 /// SwiGLU: down(silu(gate(x)) ⊙ up(x)).

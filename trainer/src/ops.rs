@@ -59,8 +59,7 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Res
         let op = AttentionProbs { scores: std::sync::Mutex::new(Some(scores)), bias: bias.contiguous()?, scale, kv };
         q.apply_op2(k, op)
     } else {
-        let k = if kv == h { k.clone() } else { k.unsqueeze(2)?.broadcast_as((b, kv, h / kv, s_len, d))?.reshape((b, h, s_len, d))? };
-        masked_softmax(&q.matmul(&k.t()?)?, bias, scale)
+        masked_softmax(&q.matmul(&composed::repeat_kv(k, h / kv)?.t()?)?, bias, scale)
     }
 }
 
@@ -130,6 +129,16 @@ pub mod composed {
         candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(bias)?, D::Minus1)
     }
 
+    /// HF's `repeat_kv`: [B, kv, T, d] → [B, kv·rep, T, d], each KV head repeated `rep`
+    /// times consecutively.
+    pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+        if rep == 1 {
+            return Ok(x.clone());
+        }
+        let (b, kv, t, d) = x.dims4()?;
+        x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
+    }
+
     /// [B·T, n·d] → [B, n, T, d], then HF's `apply_rotary_pos_emb`.
     pub fn rope_heads(x: &Tensor, (b, t, n, d): (usize, usize, usize, usize), cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let x = x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?;
@@ -196,39 +205,28 @@ pub(crate) trait WithDType: Float + Send + Sync + 'static {
     fn tensor(v: Vec<Self>, shape: Shape) -> Result<Tensor>;
 }
 
-impl WithDType for f32 {
-    const DTYPE: DType = DType::F32;
-    fn of(s: &CpuStorage) -> Option<&[f32]> {
-        if let CpuStorage::F32(v) = s {
-            Some(v)
-        } else {
-            None
+macro_rules! with_dtype {
+    ($t:ty, $variant:ident) => {
+        impl WithDType for $t {
+            const DTYPE: DType = DType::$variant;
+            fn of(s: &CpuStorage) -> Option<&[$t]> {
+                if let CpuStorage::$variant(v) = s {
+                    Some(v)
+                } else {
+                    None
+                }
+            }
+            fn storage(v: Vec<$t>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+            fn tensor(v: Vec<$t>, shape: Shape) -> Result<Tensor> {
+                Tensor::from_vec(v, shape, &Device::Cpu)
+            }
         }
-    }
-    fn storage(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-    fn tensor(v: Vec<f32>, shape: Shape) -> Result<Tensor> {
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
+    };
 }
-
-impl WithDType for f64 {
-    const DTYPE: DType = DType::F64;
-    fn of(s: &CpuStorage) -> Option<&[f64]> {
-        if let CpuStorage::F64(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn storage(v: Vec<f64>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-    fn tensor(v: Vec<f64>, shape: Shape) -> Result<Tensor> {
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
-}
+with_dtype!(f32, F32);
+with_dtype!(f64, F64);
 
 /// Σ aᵢ·bᵢ with 8 independent partial sums, so the compiler can vectorise it (a plain fold is
 /// one sequential chain of additions); the order is fixed, so results are deterministic.
