@@ -3,10 +3,13 @@
 //! - TRL SFT: `messages` (the conversation with the teacher's answer as the assistant turn), and
 //!   `prompt` / `completion` (conversational lists for chat jobs, strings for completions jobs).
 //! - open-r1 style scripts: `problem` (the prompt as submitted) and `generation` (the answer).
+//! - KD trainers (axolotl's layout): `prompt_token_ids` / `completion_token_ids`, and for jobs
+//!   with soft labels `target_token_ids` / `target_logprobs` (top-k per answer token, natural
+//!   log) and `token_logprobs` (the emitted token's), each aligned with `completion_token_ids`.
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Builder, ListBuilder, StringBuilder, StructBuilder};
+use arrow::array::{ArrayRef, Float32Builder, Int64Builder, ListBuilder, StringBuilder, StructBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Fields, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -15,6 +18,7 @@ use parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
 use crate::domain::prompt_set::Message;
+use crate::error::ApiResult;
 use crate::store::generations::GenerationRow;
 
 /// One exported row.
@@ -35,6 +39,16 @@ pub struct ExportRow {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub metadata: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_token_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_logprobs: Option<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_token_ids: Option<Vec<Vec<u32>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_logprobs: Option<Vec<Vec<f32>>>,
 }
 
 fn assistant(text: &str) -> Message {
@@ -42,7 +56,7 @@ fn assistant(text: &str) -> Message {
 }
 
 impl ExportRow {
-    pub fn from_row(r: &GenerationRow, teacher: &str) -> Self {
+    pub fn from_row(r: &GenerationRow, teacher: &str) -> ApiResult<Self> {
         let text = r.text.clone().unwrap_or_default();
         let problem = match (&r.prompt, &r.messages) {
             (Some(p), _) => p.clone(),
@@ -64,7 +78,14 @@ impl ExportRow {
                 (all, serde_json::Value::String(req), serde_json::Value::String(text.clone()))
             }
         };
-        ExportRow {
+        let soft = r.soft_label_columns()?;
+        let ids = |b: &Option<Vec<u8>>| b.as_deref().map(crate::queue::blob_ids);
+        Ok(ExportRow {
+            prompt_token_ids: ids(&r.prompt_token_ids),
+            completion_token_ids: ids(&r.completion_token_ids),
+            token_logprobs: soft.as_ref().map(|s| s.token_logprobs.clone()),
+            target_token_ids: soft.as_ref().map(|s| s.target_token_ids.clone()),
+            target_logprobs: soft.map(|s| s.target_logprobs),
             generation_id: r.id,
             job_id: r.job_id,
             prompt_id: r.prompt_id,
@@ -80,7 +101,7 @@ impl ExportRow {
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
             metadata: r.metadata_value(),
-        }
+        })
     }
 
     /// One JSONL line, newline included.
@@ -132,13 +153,62 @@ pub fn schema(chat: bool) -> Schema {
         Field::new("prompt_tokens", DataType::Int64, true),
         Field::new("completion_tokens", DataType::Int64, true),
         Field::new("metadata", DataType::Utf8, true),
+        Field::new("prompt_token_ids", list_of(DataType::UInt32), true),
+        Field::new("completion_token_ids", list_of(DataType::UInt32), true),
+        Field::new("token_logprobs", list_of(DataType::Float32), true),
+        Field::new("target_token_ids", list_of(list_of(DataType::UInt32)), true),
+        Field::new("target_logprobs", list_of(list_of(DataType::Float32)), true),
     ])
+}
+
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new("item", item, true)))
+}
+
+/// Appends an optional list (null when absent).
+fn append_list<B: arrow::array::ArrayBuilder, T: Copy>(
+    b: &mut ListBuilder<B>,
+    v: Option<&[T]>,
+    push: impl Fn(&mut B, T),
+) {
+    match v {
+        Some(items) => {
+            for &x in items {
+                push(b.values(), x);
+            }
+            b.append(true);
+        }
+        None => b.append(false),
+    }
+}
+
+/// Appends an optional list of lists.
+fn append_nested<B: arrow::array::ArrayBuilder, T: Copy>(
+    b: &mut ListBuilder<ListBuilder<B>>,
+    v: Option<&[Vec<T>]>,
+    push: impl Fn(&mut B, T),
+) {
+    match v {
+        Some(rows) => {
+            for row in rows {
+                append_list(b.values(), Some(row.as_slice()), &push);
+            }
+            b.append(true);
+        }
+        None => b.append(false),
+    }
 }
 
 fn batch(rows: &[ExportRow], chat: bool) -> anyhow::Result<RecordBatch> {
     let mut ids = [Int64Builder::new(), Int64Builder::new(), Int64Builder::new()];
     let mut strs: Vec<StringBuilder> = (0..7).map(|_| StringBuilder::new()).collect();
     let mut tokens = [Int64Builder::new(), Int64Builder::new()];
+    let mut token_ids = [ListBuilder::new(UInt32Builder::new()), ListBuilder::new(UInt32Builder::new())];
+    let mut chosen = ListBuilder::new(Float32Builder::new());
+    let mut target_ids = ListBuilder::new(ListBuilder::new(UInt32Builder::new()));
+    let mut target_lps = ListBuilder::new(ListBuilder::new(Float32Builder::new()));
+    let push_u32 = |b: &mut UInt32Builder, v: u32| b.append_value(v);
+    let push_f32 = |b: &mut Float32Builder, v: f32| b.append_value(v);
     let mut messages = messages_builder();
     let (mut prompt_l, mut completion_l) = (messages_builder(), messages_builder());
     let (mut prompt_s, mut completion_s) = (StringBuilder::new(), StringBuilder::new());
@@ -165,6 +235,11 @@ fn batch(rows: &[ExportRow], chat: bool) -> anyhow::Result<RecordBatch> {
         tokens[0].append_option(r.prompt_tokens);
         tokens[1].append_option(r.completion_tokens);
         strs[6].append_option(r.metadata.as_ref().map(|m| m.to_string()));
+        append_list(&mut token_ids[0], r.prompt_token_ids.as_deref(), push_u32);
+        append_list(&mut token_ids[1], r.completion_token_ids.as_deref(), push_u32);
+        append_list(&mut chosen, r.token_logprobs.as_deref(), push_f32);
+        append_nested(&mut target_ids, r.target_token_ids.as_deref(), push_u32);
+        append_nested(&mut target_lps, r.target_logprobs.as_deref(), push_f32);
     }
     let (p, c): (ArrayRef, ArrayRef) = if chat {
         (Arc::new(prompt_l.finish()), Arc::new(completion_l.finish()))
@@ -189,6 +264,11 @@ fn batch(rows: &[ExportRow], chat: bool) -> anyhow::Result<RecordBatch> {
         Arc::new(pt.finish()),
         Arc::new(ct.finish()),
         Arc::new(strs[6].finish()),
+        Arc::new(token_ids[0].finish()),
+        Arc::new(token_ids[1].finish()),
+        Arc::new(chosen.finish()),
+        Arc::new(target_ids.finish()),
+        Arc::new(target_lps.finish()),
     ];
     Ok(RecordBatch::try_new(Arc::new(schema(chat)), cols)?)
 }

@@ -95,6 +95,8 @@ pub struct NewCompletion {
     pub endpoint: Endpoint,
     pub request: String,
     pub output: GenerateOutput,
+    /// `output.soft_labels` encoded (`soft_labels::encode`), checked before it gets here.
+    pub soft_labels: Option<Vec<u8>>,
 }
 
 /// Where a finished item's completion comes from.
@@ -137,7 +139,7 @@ pub async fn complete_batch(
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO completions (cache_key, teacher_identity, endpoint, request, text, finish_reason,
                  prompt_tokens, completion_tokens, latency_ms, model, system_fingerprint, http_attempts, created_at,
-                 prompt_token_ids, completion_token_ids) ",
+                 prompt_token_ids, completion_token_ids, soft_labels) ",
         );
         qb.push_values(chunk, |mut b, (item, c)| {
             let o = &c.output;
@@ -155,7 +157,8 @@ pub async fn complete_batch(
                 .push_bind(o.http_attempts as i64)
                 .push_bind(now)
                 .push_bind(o.prompt_token_ids.as_deref().map(ids_blob))
-                .push_bind(o.completion_token_ids.as_deref().map(ids_blob));
+                .push_bind(o.completion_token_ids.as_deref().map(ids_blob))
+                .push_bind(&c.soft_labels);
         });
         qb.push(" ON CONFLICT (cache_key) DO UPDATE SET cache_key = excluded.cache_key RETURNING id, cache_key");
         let rows: Vec<(i64, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;

@@ -22,6 +22,8 @@
 //! Decoding gives back exactly the f16 values that were stored.
 
 use half::f16;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 const MAGIC: [u8; 3] = *b"DSL";
 const VERSION: u8 = 1;
@@ -158,6 +160,36 @@ pub fn decode(blob: &[u8]) -> Result<Vec<Position>, SoftLabelError> {
         })
         .collect();
     Ok(positions)
+}
+
+/// Soft labels by column, the way the API and exports show them (and axolotl's KD datasets
+/// name them): one entry per answer token, aligned with `completion_token_ids`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct SoftLabelColumns {
+    /// Pairs per position.
+    pub k: usize,
+    /// Natural-log probability of the token the teacher emitted, per position.
+    pub token_logprobs: Vec<f32>,
+    /// The teacher's top-k token ids per position, most likely first.
+    pub target_token_ids: Vec<Vec<u32>>,
+    /// Their natural-log probabilities (−∞ is written as `null` in JSON, which has no infinity).
+    pub target_logprobs: Vec<Vec<f32>>,
+}
+
+impl SoftLabelColumns {
+    pub fn from_positions(positions: &[Position]) -> Self {
+        SoftLabelColumns {
+            k: positions.first().map_or(0, |p| p.top.len()),
+            token_logprobs: positions.iter().map(|p| p.chosen_logprob).collect(),
+            target_token_ids: positions.iter().map(|p| p.top.iter().map(|t| t.0).collect()).collect(),
+            target_logprobs: positions.iter().map(|p| p.top.iter().map(|t| t.1).collect()).collect(),
+        }
+    }
+
+    /// Decodes a stored blob.
+    pub fn from_blob(blob: &[u8]) -> Result<Self, SoftLabelError> {
+        decode(blob).map(|p| Self::from_positions(&p))
+    }
 }
 
 #[cfg(test)]

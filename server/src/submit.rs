@@ -22,6 +22,9 @@ pub async fn create_job(s: &AppState, req: JobRequest) -> ApiResult<i64> {
     if let Some(why) = teacher.load_error() {
         return Err(ApiError::invalid("teacher", why));
     }
+    if params.logprobs > 0 {
+        teacher.supports(params.logprobs, params.mode).await.map_err(|why| ApiError::invalid("logprobs", why))?;
+    }
     let set = store::prompt_sets::get(&s.db, req.prompt_set).await.map_err(|e| match e {
         ApiError::NotFound { .. } => ApiError::invalid("prompt_set", format!("prompt set {} does not exist", req.prompt_set)),
         other => other,
@@ -57,8 +60,9 @@ async fn keys_for_set(
                 metadata: &metadata,
             };
             let request = render(params, template, &view).map_err(|msg| {
+                let field = ["template", "mode"].into_iter().find(|f| msg.starts_with(f)).unwrap_or("endpoint");
                 ApiError::invalid(
-                    if msg.starts_with("template") { "template" } else { "endpoint" },
+                    field,
                     format!("prompt at position {} of the set: {msg}", row.position),
                 )
             })?;

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::db::Db;
-use crate::domain::job::JobParams;
+use crate::domain::job::{JobMode, JobParams};
 use crate::domain::render::{render, JobTemplate, PromptView};
 use crate::metrics::{global as metrics, Outcome as MetricOutcome, TeacherLabel, TokenKind, TokenLabel};
 use crate::queue::{self, Claimed, Finished, NewCompletion, Outcome};
@@ -280,11 +280,22 @@ async fn run_item(
         metadata: &metadata,
     };
     let request = render(&job.params, &job.template, &view).map_err(ItemError::Fatal)?;
+    let (request, answer) = match job.params.mode {
+        JobMode::Generate => (request, None),
+        JobMode::Rescore => {
+            let (shown, answer) = request.split_answer().ok_or_else(|| {
+                ItemError::Fatal("a rescore prompt must end with the assistant answer to score".into())
+            })?;
+            (shown, Some(answer))
+        }
+    };
     let req = GenerateRequest {
         request,
         max_new_tokens: job.params.max_new_tokens,
         stop: job.params.stop.clone(),
         seed: job.params.seed,
+        top_k: job.params.logprobs,
+        answer,
     };
     let m = metrics();
     m.in_flight.get_or_create(label).inc();
@@ -299,13 +310,34 @@ async fn run_item(
     let tokens = |kind| TokenLabel { teacher: label.teacher.clone(), kind };
     m.tokens.get_or_create(&tokens(TokenKind::Prompt)).inc_by(output.prompt_tokens.unwrap_or(0).max(0) as u64);
     m.tokens.get_or_create(&tokens(TokenKind::Completion)).inc_by(output.completion_tokens.unwrap_or(0).max(0) as u64);
+    let soft_labels = soft_label_blob(&job.params, &output).map_err(ItemError::Fatal)?;
     let fresh = NewCompletion {
         teacher_identity: teacher.identity().to_string(),
         endpoint: job.params.endpoint,
         request: req.request.stored(),
         output,
+        soft_labels,
     };
     let done = Finished { item: item.clone(), outcome: Outcome::Fresh(fresh) };
     let (ours, next) = shared.recorder.record(done, next_for).await?;
     Ok((ours.then_some(MetricOutcome::Done), next))
+}
+
+/// The soft labels a job asked for, encoded for storage; an answer whose soft labels are
+/// missing, of the wrong k or not one per answer token fails instead of being stored.
+fn soft_label_blob(params: &JobParams, output: &crate::teacher::GenerateOutput) -> Result<Option<Vec<u8>>, String> {
+    if params.logprobs == 0 {
+        return Ok(None);
+    }
+    let positions = output.soft_labels.as_deref().ok_or("the teacher returned no soft labels")?;
+    if let Some(ids) = &output.completion_token_ids {
+        if ids.len() != positions.len() {
+            return Err(format!("the teacher returned {} soft-label positions for {} answer tokens", positions.len(), ids.len()));
+        }
+    }
+    let k = params.logprobs as usize;
+    if let Some((i, p)) = positions.iter().enumerate().find(|(_, p)| p.top.len() != k) {
+        return Err(format!("soft labels at position {i} have {} pairs; the job asked for {k}", p.top.len()));
+    }
+    crate::soft_labels::encode(positions).map(Some).map_err(|e| format!("soft labels refused: {e}"))
 }

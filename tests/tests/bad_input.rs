@@ -38,7 +38,7 @@ async fn every_bad_request_is_refused_with_the_field_and_changes_nothing() {
         ("neither", json!({"name": "x", "prompts": [{"prompt": "a"}, {"system": "s"}]}), "prompts[1].prompt"),
         ("empty prompt", json!({"name": "x", "prompts": [{"prompt": ""}]}), "prompts[0].prompt"),
         ("bad role", json!({"name": "x", "prompts": [{"messages": [{"role": "robot", "content": "b"}]}]}), "prompts[0].messages[0].role"),
-        ("ends with assistant", json!({"name": "x", "prompts": [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]}), "prompts[0].messages[1].role"),
+        ("answer without a question", json!({"name": "x", "prompts": [{"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]}]}), "prompts[0].messages[1].role"),
         ("metadata not object", json!({"name": "x", "prompts": [{"prompt": "a", "metadata": [1]}]}), "prompts[0].metadata"),
         ("id wrong type", json!({"name": "x", "prompts": [{"prompt": "a", "id": [1]}]}), "prompts[0].id"),
     ];
@@ -64,6 +64,10 @@ async fn every_bad_request_is_refused_with_the_field_and_changes_nothing() {
         ("bad endpoint", json!({"prompt_set": set, "teacher": "mock", "endpoint": "embeddings"}), "endpoint"),
         ("unknown job field", json!({"prompt_set": set, "teacher": "mock", "temperature": 0.7}), "temperature"),
         ("prompt_set wrong type", json!({"prompt_set": "one", "teacher": "mock"}), "prompt_set"),
+        ("too many logprobs", json!({"prompt_set": set, "teacher": "mock", "logprobs": 1000}), "logprobs"),
+        ("fractional logprobs", json!({"prompt_set": set, "teacher": "mock", "logprobs": 2.5}), "logprobs"),
+        ("unknown mode", json!({"prompt_set": set, "teacher": "mock", "mode": "score"}), "mode"),
+        ("rescore without logprobs", json!({"prompt_set": set, "teacher": "mock", "mode": "rescore"}), "logprobs"),
     ];
     for (case, body, field) in job_cases {
         let (st, v) = t.post_json("/v1/jobs", body).await;

@@ -84,7 +84,7 @@ fn a_panic_inside_the_engine_fails_only_its_request() {
     let prompt = ids(&fixtures()[0]["prompt_ids"]);
     let submit = |stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>| {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 8, stop_ids: vec![2], stop_check, top_k: 0, reply }).unwrap();
+        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 8, stop_ids: vec![2], stop_check, top_k: 0, score: None, reply }).unwrap();
         rx
     };
     let bad = submit(Some(Box::new(|_: &[u32]| -> bool { panic!("boom") })));
@@ -108,7 +108,7 @@ fn soft_labels_are_exact_log_probabilities_of_the_greedy_answer() {
     for precision in [Precision::Quantized, Precision::F32] {
         let sched = Scheduler::start(Llama::load(&smollm2_gguf(), precision).unwrap(), 4);
         let (reply, rx) = tokio::sync::oneshot::channel();
-        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 24, stop_ids: vec![2], stop_check: None, top_k: 20, reply }).unwrap();
+        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 24, stop_ids: vec![2], stop_check: None, top_k: 20, score: None, reply }).unwrap();
         let g = rx.blocking_recv().unwrap().unwrap();
         assert_eq!(g.soft_labels.len(), g.ids.len());
         let model = Llama::load(&smollm2_gguf(), precision).unwrap();
@@ -133,4 +133,59 @@ fn soft_labels_are_exact_log_probabilities_of_the_greedy_answer() {
         eprintln!("{precision:?}: soft labels vs teacher-forced log-softmax, worst |Δ| {worst:.2e} over {} positions", g.ids.len());
         assert!(worst < 1e-4, "{precision:?}: {worst}");
     }
+}
+
+/// Re-scoring by teacher forcing: an answer the model would not have given is scored in one
+/// pass, and every position equals a log-softmax over that position's logits computed here
+/// (one token at a time through the cache, a different code path); the greedy answer scored
+/// this way gives back the soft labels recorded while decoding it.
+#[test]
+fn scoring_a_given_answer_equals_step_by_step_log_softmax() {
+    use server::engine::scheduler::{Job, Scheduler};
+    let prompt = ids(&fixtures()[0]["prompt_ids"]);
+    let model = Llama::load(&smollm2_gguf(), Precision::F32).unwrap();
+    let v = model.cfg.vocab;
+    let sched = Scheduler::start(Llama::load(&smollm2_gguf(), Precision::F32).unwrap(), 4);
+    let run = |score: Option<Vec<u32>>| {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 16, stop_ids: vec![2], stop_check: None, top_k: 8, score, reply }).unwrap();
+        rx.blocking_recv().unwrap().unwrap()
+    };
+    let greedy = run(None);
+    // Not the model's answer: its greedy answer reversed.
+    let given: Vec<u32> = greedy.ids.iter().rev().copied().collect();
+    let scored = run(Some(given.clone()));
+    assert_eq!(scored.ids, given);
+    assert_eq!(scored.soft_labels.len(), given.len());
+    let mut cache = KvCache::new(&model.cfg);
+    let mut last = model.forward(&mut [Chunk { cache: &mut cache, tokens: &prompt, all_logits: false }]).unwrap().remove(0);
+    let mut worst = 0f64;
+    for (i, (&id, pos)) in given.iter().zip(&scored.soft_labels).enumerate() {
+        let lse = last.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+        worst = worst.max((pos.chosen_logprob as f64 - (last[id as usize] as f64 - lse)).abs());
+        let want = server::engine::logprobs::top_k(&last, 8, id);
+        let got: Vec<u32> = pos.top.iter().map(|t| t.0).collect();
+        let want_ids: Vec<u32> = want.top.iter().map(|t| t.0).collect();
+        assert_eq!(got, want_ids, "position {i}");
+        for (&(_, a), &(_, b)) in pos.top.iter().zip(&want.top) {
+            worst = worst.max((a - b).abs() as f64);
+        }
+        last = model.forward(&mut [Chunk { cache: &mut cache, tokens: &[id], all_logits: false }]).unwrap().remove(0);
+        assert_eq!(last.len(), v);
+    }
+    eprintln!("scored answer vs step-by-step log-softmax: worst |Δ| {worst:.2e} over {} positions", given.len());
+    assert!(worst < 1e-4, "{worst}");
+    // The greedy answer, scored, gives back what decoding recorded.
+    let again = run(Some(greedy.ids.clone()));
+    assert_eq!(again.finish, greedy.finish);
+    for (a, b) in again.soft_labels.iter().zip(&greedy.soft_labels) {
+        assert_eq!(a.top.iter().map(|t| t.0).collect::<Vec<_>>(), b.top.iter().map(|t| t.0).collect::<Vec<_>>());
+        assert!((a.chosen_logprob - b.chosen_logprob).abs() < 1e-4);
+    }
+    let empty = {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        sched.submit(Job { prompt: prompt.clone(), max_new_tokens: 16, stop_ids: vec![2], stop_check: None, top_k: 8, score: Some(vec![]), reply }).unwrap();
+        rx.blocking_recv().unwrap()
+    };
+    assert!(empty.unwrap_err().contains("no tokens"));
 }

@@ -18,7 +18,7 @@ async fn setup(n: usize) -> (tempfile::TempDir, Db, i64) {
     let (set, _) = server::store::prompt_sets::insert(&db, NewPromptSet { name: "q".into(), source: Source::Json, prompts })
         .await
         .unwrap();
-    let params = JobParams { endpoint: Endpoint::Chat, max_new_tokens: 8, template: None, system: None, stop: vec![], seed: 0 };
+    let params = JobParams { endpoint: Endpoint::Chat, max_new_tokens: 8, template: None, system: None, stop: vec![], seed: 0, logprobs: 0, mode: Default::default() };
     let rows = server::store::prompt_sets::prompts(&db, set, -1, 1000).await.unwrap();
     let items: Vec<(i64, String)> = rows.iter().map(|r| (r.id, format!("key-{}", r.id))).collect();
     let job = server::store::jobs::insert(&db, set, "ghost", "openai:http://ghost/v1#m", &params, &items).await.unwrap();
@@ -34,6 +34,7 @@ fn answer(item: &queue::Claimed, text: &str) -> Finished {
             endpoint: Endpoint::Chat,
             request: "[]".into(),
             output,
+            soft_labels: None,
         }),
     }
 }

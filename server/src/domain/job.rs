@@ -9,6 +9,8 @@ use super::Invalid;
 pub const MAX_NEW_TOKENS_LIMIT: u32 = 1 << 20;
 pub const DEFAULT_MAX_NEW_TOKENS: u32 = 1024;
 const MAX_STOPS: usize = 16;
+/// Most soft-label pairs per position a job may ask for.
+pub const MAX_LOGPROBS: u32 = 100;
 
 /// Which OpenAI-compatible endpoint the teacher is called on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
@@ -28,6 +30,28 @@ impl Endpoint {
             Endpoint::Completions => "completions",
         }
     }
+}
+
+/// What a job asks of the teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum JobMode {
+    /// Decode an answer greedily (the default).
+    #[default]
+    Generate,
+    /// Score given answers by teacher forcing, without decoding: every prompt is a conversation
+    /// ending with an assistant turn, and the teacher's top-k is recorded at each of its tokens.
+    Rescore,
+}
+
+impl JobMode {
+    fn is_generate(&self) -> bool {
+        *self == JobMode::Generate
+    }
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// JSON body of `POST /v1/jobs`.
@@ -51,6 +75,11 @@ pub struct JobRequest {
     pub seed: Option<i64>,
     /// `chat` (default) or `completions`.
     pub endpoint: Option<Endpoint>,
+    /// Soft labels: record the teacher's top-k (token id, natural-log probability) pairs at
+    /// every answer token, k = 1..=100 (0 or absent: none). The answer is still greedy.
+    pub logprobs: Option<i64>,
+    /// `generate` (default) or `rescore` (teacher-force the prompts' final assistant turns).
+    pub mode: Option<JobMode>,
 }
 
 /// Validated job parameters, stored as JSON in `jobs.params`. Part of the dedup cache key.
@@ -62,6 +91,11 @@ pub struct JobParams {
     pub system: Option<String>,
     pub stop: Vec<String>,
     pub seed: i64,
+    /// Soft-label pairs per answer position (0: none). Absent in jobs stored before version 3.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub logprobs: u32,
+    #[serde(default, skip_serializing_if = "JobMode::is_generate")]
+    pub mode: JobMode,
 }
 
 impl JobRequest {
@@ -100,6 +134,25 @@ impl JobRequest {
                 "the completions endpoint takes raw text; put the system text in `template` instead",
             ));
         }
+        let logprobs = match self.logprobs {
+            None => 0,
+            Some(k) if (0..=MAX_LOGPROBS as i64).contains(&k) => k as u32,
+            Some(k) => {
+                return Err(Invalid::new("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}")))
+            }
+        };
+        let mode = self.mode.unwrap_or_default();
+        if mode == JobMode::Rescore {
+            if logprobs == 0 {
+                return Err(Invalid::new("logprobs", "a rescore job records soft labels: set logprobs to 1..=100"));
+            }
+            if endpoint != Endpoint::Chat {
+                return Err(Invalid::new("endpoint", "a rescore job scores conversations: use the chat endpoint"));
+            }
+            if !stop.is_empty() {
+                return Err(Invalid::new("stop", "a rescore job does not decode, so stop strings do not apply"));
+            }
+        }
         if self.teacher.is_empty() {
             return Err(Invalid::new("teacher", "teacher must name a configured teacher"));
         }
@@ -110,6 +163,8 @@ impl JobRequest {
             system: self.system.clone(),
             stop,
             seed,
+            logprobs,
+            mode,
         })
     }
 }
@@ -224,8 +279,19 @@ mod tests {
         assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","stop":[""]}"#).unwrap_err().field, "stop[0]");
         assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","template":"{{ prompt"}"#).unwrap_err().field, "template");
         assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","template":"no variable"}"#).unwrap_err().field, "template");
+        assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","logprobs":101}"#).unwrap_err().field, "logprobs");
+        assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","logprobs":-1}"#).unwrap_err().field, "logprobs");
+        assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","mode":"rescore"}"#).unwrap_err().field, "logprobs");
+        assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","mode":"rescore","logprobs":5,"stop":["x"]}"#).unwrap_err().field, "stop");
+        assert!(serde_json::from_str::<JobRequest>(r#"{"prompt_set":1,"teacher":"t","mode":"score"}"#).is_err());
         let p = job(r#"{"prompt_set":1,"teacher":"t"}"#).unwrap();
-        assert_eq!((p.max_new_tokens, p.seed, p.endpoint), (1024, 0, Endpoint::Chat));
+        assert_eq!((p.max_new_tokens, p.seed, p.endpoint, p.logprobs, p.mode), (1024, 0, Endpoint::Chat, 0, JobMode::Generate));
+        // Parameters stored before soft labels existed still read, and plain jobs store as before.
+        let old: JobParams =
+            serde_json::from_str(r#"{"endpoint":"chat","max_new_tokens":8,"template":null,"system":null,"stop":[],"seed":0}"#).unwrap();
+        assert_eq!(old.logprobs, 0);
+        assert!(!serde_json::to_string(&old).unwrap().contains("logprobs"));
+        assert_eq!(job(r#"{"prompt_set":1,"teacher":"t","logprobs":20,"mode":"rescore"}"#).unwrap().logprobs, 20);
     }
 
     #[test]

@@ -114,10 +114,19 @@ fn validate_messages(messages: Vec<Message>, field: &str, has_system: bool) -> R
             ));
         }
     }
-    if messages.last().map(|m| m.role.as_str()) != Some("user") {
+    // A final assistant turn is an answer to re-score (jobs with `"mode": "rescore"`); it must
+    // follow a user turn.
+    let n = messages.len();
+    let last_ok = match messages[n - 1].role.as_str() {
+        "user" => true,
+        "assistant" => n >= 2 && messages[n - 2].role == "user",
+        _ => false,
+    };
+    if !last_ok {
         return Err(Invalid::new(
-            format!("{field}[{}].role", messages.len() - 1),
-            "the last message must be from the user: the teacher answers it",
+            format!("{field}[{}].role", n - 1),
+            "the last message must be from the user (the teacher answers it), or an assistant answer to a user \
+             turn (re-scored by a rescore job)",
         ));
     }
     Ok(messages)
@@ -205,11 +214,19 @@ mod tests {
         assert_eq!(req(r#"{"name":" ","prompts":[{"prompt":"x"}]}"#).unwrap_err().field, "name");
         assert_eq!(req(r#"{"name":"a","prompts":[{"prompt":"x"},{}]}"#).unwrap_err().field, "prompts[1].prompt");
         assert_eq!(
-            req(r#"{"name":"a","prompts":[{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}]}]}"#)
+            req(r#"{"name":"a","prompts":[{"messages":[{"role":"system","content":"x"},{"role":"assistant","content":"y"}]}]}"#)
                 .unwrap_err()
                 .field,
             "prompts[0].messages[1].role"
         );
+        assert_eq!(
+            req(r#"{"name":"a","prompts":[{"messages":[{"role":"user","content":"x"},{"role":"system","content":"y"}]}]}"#)
+                .unwrap_err()
+                .field,
+            "prompts[0].messages[1].role"
+        );
+        // An answer to re-score.
+        assert!(req(r#"{"name":"a","prompts":[{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}]}]}"#).is_ok());
         assert_eq!(
             req(r#"{"name":"a","prompts":[{"messages":[{"role":"bot","content":"x"}]}]}"#).unwrap_err().field,
             "prompts[0].messages[0].role"

@@ -5,7 +5,7 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::job::{Endpoint, JobParams};
+use super::job::{Endpoint, JobMode, JobParams};
 use super::prompt_set::{Message, PromptContent};
 use super::Invalid;
 
@@ -23,6 +23,18 @@ impl RenderedRequest {
         match self {
             RenderedRequest::Chat(m) => serde_json::to_string(m).expect("messages serialize"),
             RenderedRequest::Text(t) => t.clone(),
+        }
+    }
+
+    /// A rescore request split into what the teacher is shown and the answer it scores: the
+    /// final assistant turn. None for anything else.
+    pub fn split_answer(&self) -> Option<(RenderedRequest, String)> {
+        match self {
+            RenderedRequest::Chat(m) if m.last().is_some_and(|l| l.role == "assistant") => {
+                let (last, rest) = m.split_last().expect("non-empty");
+                Some((RenderedRequest::Chat(rest.to_vec()), last.content.clone()))
+            }
+            _ => None,
         }
     }
 
@@ -81,8 +93,26 @@ pub struct PromptView<'a> {
 }
 
 /// Renders one prompt for one job. Messages prompts get the template on their last user turn.
+/// A rescore job's request keeps the final assistant turn (the answer it scores).
 pub fn render(params: &JobParams, template: &JobTemplate, p: &PromptView<'_>) -> Result<RenderedRequest, String> {
     let system = p.system.or(params.system.as_deref());
+    let ends_with_answer = match p.content {
+        PromptContent::Messages(m) => m.last().is_some_and(|l| l.role == "assistant"),
+        PromptContent::Text(_) => false,
+    };
+    match (params.mode, ends_with_answer) {
+        (JobMode::Generate, true) => {
+            return Err("mode: this prompt ends with an assistant answer; answers are re-scored by a job with \
+                        \"mode\": \"rescore\" (a generate job needs the last turn to be the user's)"
+                .into())
+        }
+        (JobMode::Rescore, false) => {
+            return Err("mode: a rescore job needs every prompt to be a conversation ending with the assistant \
+                        answer to score; this one does not"
+                .into())
+        }
+        _ => {}
+    }
     match (params.endpoint, p.content) {
         (Endpoint::Completions, PromptContent::Text(t)) => {
             Ok(RenderedRequest::Text(template.apply(t, p.external_id, p.metadata)?))
@@ -104,7 +134,7 @@ pub fn render(params: &JobParams, template: &JobTemplate, p: &PromptView<'_>) ->
                 msgs.push(Message { role: "system".into(), content: s.to_string() });
             }
             msgs.extend(m.iter().cloned());
-            let last = msgs.last_mut().expect("validated non-empty");
+            let last = msgs.iter_mut().rev().find(|m| m.role == "user").expect("validated: a user turn");
             last.content = template.apply(&last.content, p.external_id, p.metadata)?;
             Ok(RenderedRequest::Chat(msgs))
         }
@@ -125,6 +155,11 @@ pub fn cache_key(teacher_identity: &str, request: &RenderedRequest, params: &Job
         seed: i64,
         temperature: f32,
         top_p: f32,
+        // Left out when off, so keys of plain jobs stay what they were before soft labels.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        logprobs: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode: Option<&'a str>,
     }
     let key = Key {
         v: 1,
@@ -136,6 +171,8 @@ pub fn cache_key(teacher_identity: &str, request: &RenderedRequest, params: &Job
         seed: params.seed,
         temperature: 0.0,
         top_p: 1.0,
+        logprobs: (params.logprobs > 0).then_some(params.logprobs),
+        mode: (params.mode == JobMode::Rescore).then_some("rescore"),
     };
     let bytes = serde_json::to_vec(&key).expect("key serializes");
     hex::encode(Sha256::digest(bytes))
@@ -153,6 +190,8 @@ mod tests {
             system: Some("be brief".into()),
             stop: vec![],
             seed: 0,
+            logprobs: 0,
+            mode: JobMode::Generate,
         }
     }
 
@@ -189,5 +228,41 @@ mod tests {
         let mut q = p.clone();
         q.seed = 1;
         assert_ne!(k, cache_key("t", &r, &q));
+        let mut q = p.clone();
+        q.logprobs = 20;
+        assert_ne!(k, cache_key("t", &r, &q));
+        let mut q = p.clone();
+        q.mode = JobMode::Rescore;
+        assert_ne!(k, cache_key("t", &r, &q));
+        // Keys of jobs without soft labels are those stored before they existed.
+        // (sha256 of the version-1 key JSON, computed outside Rust.)
+        assert_eq!(k, "2fec4649247ebfcdd6188feada23f2986f1eb3df4b3fa09ec36aca9a99444411");
+    }
+
+    #[test]
+    fn rescore_needs_an_answer_and_generate_refuses_one() {
+        let mut p = params(Some("Q: {{ prompt }}"));
+        let t = JobTemplate::for_params(&p).unwrap();
+        let conv = PromptContent::Messages(vec![
+            Message { role: "user".into(), content: "2+2?".into() },
+            Message { role: "assistant".into(), content: "4".into() },
+        ]);
+        let view = PromptView { content: &conv, system: None, external_id: None, metadata: &serde_json::Value::Null };
+        assert!(render(&p, &t, &view).unwrap_err().starts_with("mode"));
+        p.mode = JobMode::Rescore;
+        let r = render(&p, &t, &view).unwrap();
+        let (shown, answer) = r.split_answer().unwrap();
+        assert_eq!(answer, "4");
+        // The template goes on the user turn, not on the answer.
+        assert_eq!(
+            shown,
+            RenderedRequest::Chat(vec![
+                Message { role: "system".into(), content: "be brief".into() },
+                Message { role: "user".into(), content: "Q: 2+2?".into() },
+            ])
+        );
+        let text = PromptContent::Text("2+2?".into());
+        let view = PromptView { content: &text, system: None, external_id: None, metadata: &serde_json::Value::Null };
+        assert!(render(&p, &t, &view).unwrap_err().starts_with("mode"));
     }
 }

@@ -20,7 +20,9 @@ use mistralrs::{
 };
 
 use super::llama::argmax;
+use super::logprobs::top_k as soft_label;
 use super::scheduler::Generated;
+use crate::soft_labels::Position;
 
 pub struct MistralEngine {
     model: Model,
@@ -33,6 +35,8 @@ struct Trace {
     ids: Vec<u32>,
     /// A stop string appeared; the step after it was forced to the stop id.
     stopped_by_string: bool,
+    /// Soft labels, one per id, when asked for.
+    soft: Vec<Position>,
 }
 
 impl MistralEngine {
@@ -68,13 +72,16 @@ impl MistralEngine {
     }
 
     /// Greedy decoding of `prompt` (token ids), stopping at a stop id, a stop string
-    /// (`stop_check` on the ids so far) or `max_new_tokens`.
+    /// (`stop_check` on the ids so far) or `max_new_tokens`; with `top_k` > 0 the soft labels of
+    /// every step, from the raw logits the processor sees (mistralrs's own are base 10, and −∞
+    /// for the alternatives in greedy mode).
     pub async fn generate(
         &self,
         prompt: Vec<u32>,
         max_new_tokens: usize,
         stop_ids: Vec<u32>,
         stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>,
+        top_k: usize,
     ) -> Result<Generated, String> {
         let started = Instant::now();
         let trace = Arc::new(Mutex::new(Trace::default()));
@@ -93,7 +100,11 @@ impl MistralEngine {
                     return Tensor::from_vec(forced, values.len(), logits.device());
                 }
             }
-            t.ids.push(argmax(&values));
+            let id = argmax(&values);
+            if top_k > 0 {
+                t.soft.push(soft_label(&values, top_k, id));
+            }
+            t.ids.push(id);
             Ok(logits.clone())
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
@@ -146,17 +157,18 @@ impl MistralEngine {
             }
         }
         let trace = std::mem::take(&mut *trace.lock().map_err(|_| "trace lock poisoned")?);
-        let mut ids = trace.ids;
+        let (mut ids, mut soft) = (trace.ids, trace.soft);
         let finish = if trace.stopped_by_string {
             "stop"
         } else if ids.len() > max_new_tokens {
             ids.truncate(max_new_tokens);
+            soft.truncate(max_new_tokens);
             "length"
         } else if ids.last().is_some_and(|l| stop_ids.contains(l)) {
             "stop"
         } else {
             "length"
         };
-        Ok(Generated { ids, finish, elapsed: started.elapsed(), soft_labels: Vec::new() })
+        Ok(Generated { ids, finish, elapsed: started.elapsed(), soft_labels: soft })
     }
 }

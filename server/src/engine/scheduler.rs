@@ -22,6 +22,9 @@ pub struct Job {
     pub stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>,
     /// Soft labels: the top-k log-probabilities recorded at every answer position (0: none).
     pub top_k: usize,
+    /// Teacher forcing: score these answer ids (one forward pass, no decoding) instead of
+    /// generating. The result's `ids` are these, `finish` is `stop` when the last is a stop id.
+    pub score: Option<Vec<u32>>,
     pub reply: oneshot::Sender<Result<Generated, String>>,
 }
 
@@ -41,9 +44,22 @@ struct Active {
     cache: KvCache,
     out: Vec<u32>,
     soft: Vec<Position>,
-    /// The next input token, or None while the prompt is still to be processed.
-    next: Option<u32>,
+    stage: Stage,
     started: Instant,
+}
+
+/// Where a sequence is: what the next forward call feeds it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stage {
+    /// The prompt is still to be processed.
+    Prompt,
+    /// Decoding: this token is the next input.
+    Next(u32),
+    /// Scoring: the prompt but its last token is cached; the last prompt token and the answer
+    /// go next, with logits for every row.
+    Score,
+    /// Scored: nothing more to do.
+    Scored,
 }
 
 /// Handle to the engine thread.
@@ -93,16 +109,23 @@ fn run(mut model: Llama, rx: mpsc::Receiver<Job>, max_batch: usize) {
         }
         while active.len() < max_batch {
             let Some(job) = waiting.pop_front() else { break };
-            let need = job.prompt.len() + job.max_new_tokens;
             if job.prompt.is_empty() {
                 let _ = job.reply.send(Err("empty prompt".into()));
                 continue;
             }
+            let (more, what) = match &job.score {
+                Some(a) if a.is_empty() => {
+                    let _ = job.reply.send(Err("the answer to score has no tokens".into()));
+                    continue;
+                }
+                Some(a) => (a.len(), "an answer of"),
+                None => (job.max_new_tokens, "max_new_tokens"),
+            };
+            let need = job.prompt.len() + more;
             if need > model.cfg.context {
                 let _ = job.reply.send(Err(format!(
-                    "prompt of {} tokens plus max_new_tokens {} exceeds the model's context of {}",
+                    "prompt of {} tokens plus {what} {more} exceeds the model's context of {}",
                     job.prompt.len(),
-                    job.max_new_tokens,
                     model.cfg.context
                 )));
                 continue;
@@ -114,7 +137,7 @@ fn run(mut model: Llama, rx: mpsc::Receiver<Job>, max_batch: usize) {
                 cache: KvCache::new(&model.cfg),
                 out: Vec::new(),
                 soft: Vec::new(),
-                next: None,
+                stage: Stage::Prompt,
                 started: Instant::now(),
                 job,
             });
@@ -157,6 +180,13 @@ fn fail_all(active: &mut Vec<Active>, msg: &str) {
 }
 
 fn finished(a: &Active) -> Option<&'static str> {
+    if a.job.score.is_some() {
+        if a.stage != Stage::Scored {
+            return None;
+        }
+        let last = *a.out.last()?;
+        return Some(if a.job.stop_ids.contains(&last) { "stop" } else { "length" });
+    }
     let last = *a.out.last()?;
     if a.job.stop_ids.contains(&last) {
         return Some("stop");
@@ -167,31 +197,57 @@ fn finished(a: &Active) -> Option<&'static str> {
     (a.out.len() >= a.job.max_new_tokens).then_some("length")
 }
 
-/// One forward over every active sequence: new ones feed their prompt, the others one token.
+/// What one sequence feeds the next forward call, and whether it needs every row's logits.
+fn input(a: &Active) -> (Vec<u32>, bool) {
+    let prompt = &a.job.prompt;
+    match (a.stage, &a.job.score) {
+        (Stage::Prompt, None) => (prompt.clone(), false),
+        // Everything but the last prompt token first, so that the scoring call's logits are
+        // exactly the rows that predict answer tokens.
+        (Stage::Prompt, Some(_)) if prompt.len() > 1 => (prompt[..prompt.len() - 1].to_vec(), false),
+        (Stage::Prompt | Stage::Score, Some(answer)) => {
+            let mut t = vec![*prompt.last().expect("non-empty")];
+            t.extend_from_slice(&answer[..answer.len() - 1]);
+            (t, true)
+        }
+        (Stage::Next(t), _) => (vec![t], false),
+        (Stage::Score | Stage::Scored, None) | (Stage::Scored, Some(_)) => (Vec::new(), false),
+    }
+}
+
+/// One forward over every active sequence: new ones feed their prompt, the others one token
+/// (or, when scoring, the whole answer).
 fn step(model: &Llama, active: &mut [Active]) -> anyhow::Result<()> {
     if active.is_empty() {
         return Ok(());
     }
-    let inputs: Vec<Vec<u32>> = active
-        .iter()
-        .map(|a| match a.next {
-            None => a.job.prompt.clone(),
-            Some(t) => vec![t],
-        })
-        .collect();
+    let inputs: Vec<(Vec<u32>, bool)> = active.iter().map(input).collect();
     let mut chunks: Vec<Chunk> = active
         .iter_mut()
         .zip(&inputs)
-        .map(|(a, toks)| Chunk { cache: &mut a.cache, tokens: toks, all_logits: false })
+        .map(|(a, (toks, all))| Chunk { cache: &mut a.cache, tokens: toks, all_logits: *all })
         .collect();
     let logits = model.forward(&mut chunks)?;
-    for (a, l) in active.iter_mut().zip(logits) {
+    let vocab = model.cfg.vocab;
+    for ((a, l), (_, all)) in active.iter_mut().zip(logits).zip(&inputs) {
+        if let Some(answer) = &a.job.score {
+            if *all {
+                for (row, &id) in l.chunks_exact(vocab).zip(answer) {
+                    a.soft.push(top_k(row, a.job.top_k, id));
+                }
+                a.out = answer.clone();
+                a.stage = Stage::Scored;
+            } else {
+                a.stage = Stage::Score;
+            }
+            continue;
+        }
         let t = argmax(&l);
         if a.job.top_k > 0 {
             a.soft.push(top_k(&l, a.job.top_k, t));
         }
         a.out.push(t);
-        a.next = Some(t);
+        a.stage = Stage::Next(t);
     }
     Ok(())
 }

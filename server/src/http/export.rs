@@ -32,15 +32,15 @@ pub struct ExportQuery {
 }
 
 async fn page(db: &Db, job: i64, after: i64, teacher: &str) -> ApiResult<(Vec<ExportRow>, Option<i64>)> {
-    let rows = store::generations::page(db, job, Some(ItemStatus::Done), after, PAGE).await?;
+    let rows = store::generations::page(db, job, Some(ItemStatus::Done), after, PAGE, true).await?;
     let next = (rows.len() as i64 == PAGE).then(|| rows.last().map(|r| r.id)).flatten();
-    Ok((rows.iter().map(|r| ExportRow::from_row(r, teacher)).collect(), next))
+    Ok((rows.iter().map(|r| ExportRow::from_row(r, teacher)).collect::<ApiResult<_>>()?, next))
 }
 
 /// Done generations as JSONL (streamed) or Parquet, ready for TRL SFT and open-r1 scripts.
 #[utoipa::path(get, path = "/v1/jobs/{id}/export", params(("id" = i64, Path), ExportQuery),
     responses(
-        (status = 200, description = "JSONL lines or a Parquet file; columns: generation_id, job_id, prompt_id, external_id, teacher, model, messages, prompt, completion, problem, generation, finish_reason, prompt_tokens, completion_tokens, metadata"),
+        (status = 200, description = "JSONL lines or a Parquet file; columns: generation_id, job_id, prompt_id, external_id, teacher, model, messages, prompt, completion, problem, generation, finish_reason, prompt_tokens, completion_tokens, metadata, prompt_token_ids, completion_token_ids, and with soft labels token_logprobs, target_token_ids, target_logprobs (top-k per answer token, natural log)"),
         (status = 404, body = crate::error::ErrorBody)
     ))]
 pub async fn export(

@@ -31,6 +31,8 @@ pub struct GenerationsQuery {
     pub after: Option<i64>,
     /// Page size, 1..=1000 (default 100).
     pub limit: Option<i64>,
+    /// Include each generation's soft labels (default false: they are large).
+    pub soft_labels: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -50,14 +52,15 @@ pub async fn list(
 ) -> ApiResult<Json<GenerationPage>> {
     let limit = page_limit(q.limit)?;
     crate::store::jobs::get_row(&s.db, id).await?;
-    let rows = store::page(&s.db, id, q.status, q.after.unwrap_or(0), limit).await?;
+    let rows = store::page(&s.db, id, q.status, q.after.unwrap_or(0), limit, q.soft_labels.unwrap_or(false)).await?;
     let next_after = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
-    Ok(Json(GenerationPage { items: rows.into_iter().map(GenerationView::from).collect(), next_after }))
+    let items = rows.into_iter().map(GenerationView::try_from).collect::<ApiResult<_>>()?;
+    Ok(Json(GenerationPage { items, next_after }))
 }
 
 /// One generation: prompt, answer and everything recorded about it.
 #[utoipa::path(get, path = "/v1/generations/{id}", params(("id" = i64, Path)),
     responses((status = 200, body = GenerationView), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get(State(s): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<GenerationView>> {
-    Ok(Json(store::get(&s.db, id).await?.into()))
+    Ok(Json(store::get(&s.db, id).await?.try_into()?))
 }

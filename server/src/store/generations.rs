@@ -8,6 +8,7 @@ use crate::db::Db;
 use crate::domain::job::ItemStatus;
 use crate::domain::prompt_set::Message;
 use crate::error::{ApiError, ApiResult};
+use crate::soft_labels::SoftLabelColumns;
 
 #[derive(Debug, Clone, FromRow)]
 pub struct GenerationRow {
@@ -37,9 +38,25 @@ pub struct GenerationRow {
     pub http_attempts: Option<i64>,
     pub prompt_token_ids: Option<Vec<u8>>,
     pub completion_token_ids: Option<Vec<u8>>,
+    /// The soft-label blob (`soft_labels::encode`); NULL without logprobs, and not selected by
+    /// pages that do not show it.
+    pub soft_labels: Option<Vec<u8>>,
 }
 
 impl GenerationRow {
+    /// The decoded soft labels; a blob that does not decode is an error naming the generation
+    /// (never shown as if the job had none).
+    pub fn soft_label_columns(&self) -> ApiResult<Option<SoftLabelColumns>> {
+        self.soft_labels
+            .as_deref()
+            .map(|b| {
+                SoftLabelColumns::from_blob(b).map_err(|e| {
+                    ApiError::Internal(anyhow::anyhow!("generation {}: stored soft labels do not decode: {e}", self.id))
+                })
+            })
+            .transpose()
+    }
+
     /// What was sent to the teacher: messages for chat, text for completions.
     pub fn request_value(&self) -> Option<serde_json::Value> {
         let req = self.request.as_deref()?;
@@ -100,13 +117,19 @@ pub struct GenerationView {
     pub prompt_token_ids: Option<Vec<u32>>,
     /// Exact answer token ids, including a final end-of-turn token (local teachers).
     pub completion_token_ids: Option<Vec<u32>>,
+    /// The teacher's top-k per answer token, for jobs with `logprobs` (pages include them only
+    /// when asked: `soft_labels=true`).
+    pub soft_labels: Option<SoftLabelColumns>,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
 }
 
-impl From<GenerationRow> for GenerationView {
-    fn from(r: GenerationRow) -> Self {
-        GenerationView {
+impl TryFrom<GenerationRow> for GenerationView {
+    type Error = ApiError;
+
+    fn try_from(r: GenerationRow) -> ApiResult<Self> {
+        Ok(GenerationView {
+            soft_labels: r.soft_label_columns()?,
             request: r.request_value(),
             metadata: r.metadata_value(),
             messages: r.messages.as_deref().and_then(|m| serde_json::from_str(m).ok()),
@@ -132,17 +155,24 @@ impl From<GenerationRow> for GenerationView {
             completion_token_ids: r.completion_token_ids.as_deref().map(crate::queue::blob_ids),
             started_at: r.started_at,
             finished_at: r.finished_at,
-        }
+        })
     }
 }
 
 const SELECT: &str = "SELECT g.id, g.job_id, g.prompt_id, g.status, g.attempts, g.cache_hit, g.last_error,
         g.started_at, g.finished_at, p.external_id, p.prompt, p.messages, p.system, p.metadata,
         c.endpoint, c.request, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.latency_ms,
-        c.model, c.system_fingerprint, c.http_attempts, c.prompt_token_ids, c.completion_token_ids
+        c.model, c.system_fingerprint, c.http_attempts, c.prompt_token_ids, c.completion_token_ids,
+        {SOFT} AS soft_labels
    FROM generations g
    JOIN prompts p ON p.id = g.prompt_id
    LEFT JOIN completions c ON c.id = g.completion_id";
+
+/// The select with or without the soft-label blob (pages leave it out unless asked: it is the
+/// largest column by far).
+fn select(soft_labels: bool) -> String {
+    SELECT.replace("{SOFT}", if soft_labels { "c.soft_labels" } else { "NULL" })
+}
 
 /// A page of a job's generations with id > `after`, optionally of one status.
 pub async fn page(
@@ -151,11 +181,13 @@ pub async fn page(
     status: Option<ItemStatus>,
     after: i64,
     limit: i64,
+    soft_labels: bool,
 ) -> ApiResult<Vec<GenerationRow>> {
+    let select = select(soft_labels);
     let rows = match status {
         Some(st) => {
             sqlx::query_as(&format!(
-                "{SELECT} WHERE g.job_id = ? AND g.status = ? AND g.id > ? ORDER BY g.id LIMIT ?"
+                "{select} WHERE g.job_id = ? AND g.status = ? AND g.id > ? ORDER BY g.id LIMIT ?"
             ))
             .bind(job_id)
             .bind(st.as_str())
@@ -165,7 +197,7 @@ pub async fn page(
             .await?
         }
         None => {
-            sqlx::query_as(&format!("{SELECT} WHERE g.job_id = ? AND g.id > ? ORDER BY g.id LIMIT ?"))
+            sqlx::query_as(&format!("{select} WHERE g.job_id = ? AND g.id > ? ORDER BY g.id LIMIT ?"))
                 .bind(job_id)
                 .bind(after)
                 .bind(limit)
@@ -177,7 +209,7 @@ pub async fn page(
 }
 
 pub async fn get(db: &Db, id: i64) -> ApiResult<GenerationRow> {
-    sqlx::query_as(&format!("{SELECT} WHERE g.id = ?"))
+    sqlx::query_as(&format!("{} WHERE g.id = ?", select(true)))
         .bind(id)
         .fetch_optional(&db.reader)
         .await?

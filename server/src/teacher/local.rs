@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::{GenerateOutput, GenerateRequest, Teacher, TeacherError};
 use crate::config::{LocalEngine, Precision, TeacherSettings};
+use crate::domain::job::JobMode;
 use crate::domain::render::RenderedRequest;
 use crate::engine::llama::Llama;
 use crate::engine::scheduler::{Generated, Job, Scheduler};
@@ -30,23 +31,45 @@ enum Engine {
     Mistral(crate::engine::mistral::MistralEngine),
 }
 
+/// One request to an engine: decode (or, with `score`, teacher-force) after `prompt`.
+struct EngineRequest {
+    prompt: Vec<u32>,
+    max_new_tokens: usize,
+    stop_ids: Vec<u32>,
+    stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>,
+    top_k: usize,
+    score: Option<Vec<u32>>,
+}
+
 impl Engine {
-    async fn generate(
-        &self,
-        prompt: Vec<u32>,
-        max_new_tokens: usize,
-        stop_ids: Vec<u32>,
-        stop_check: Option<Box<dyn Fn(&[u32]) -> bool + Send>>,
-    ) -> Result<Generated, String> {
+    async fn generate(&self, r: EngineRequest) -> Result<Generated, String> {
         match self {
             Engine::Native(scheduler) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
-                scheduler.submit(Job { prompt, max_new_tokens, stop_ids, stop_check, top_k: 0, reply })?;
+                scheduler.submit(Job {
+                    prompt: r.prompt,
+                    max_new_tokens: r.max_new_tokens,
+                    stop_ids: r.stop_ids,
+                    stop_check: r.stop_check,
+                    top_k: r.top_k,
+                    score: r.score,
+                    reply,
+                })?;
                 answer.await.map_err(|_| "the engine dropped the request".to_string())?
             }
             #[cfg(feature = "mistralrs")]
-            Engine::Mistral(m) => m.generate(prompt, max_new_tokens, stop_ids, stop_check).await,
+            Engine::Mistral(m) => {
+                if r.score.is_some() {
+                    return Err("the mistralrs engine does not score given answers; use the native engine".into());
+                }
+                m.generate(r.prompt, r.max_new_tokens, r.stop_ids, r.stop_check, r.top_k).await
+            }
         }
+    }
+
+    /// Whether the engine can teacher-force given answers.
+    fn can_score(&self) -> bool {
+        matches!(self, Engine::Native(_))
     }
 }
 
@@ -323,6 +346,18 @@ impl Teacher for LocalTeacher {
         self.loaded.as_ref().map(|_| ()).map_err(Clone::clone)
     }
 
+    /// Any k, read from the logits; rescoring on the native engine.
+    async fn supports(&self, _k: u32, mode: JobMode) -> Result<(), String> {
+        let l = self.loaded.as_ref().map_err(Clone::clone)?;
+        if mode == JobMode::Rescore && !l.engine.can_score() {
+            return Err(format!(
+                "teacher `{}` runs on the mistralrs engine, which cannot score given answers; rescore jobs need the native engine",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
     async fn generate(&self, req: &GenerateRequest) -> Result<GenerateOutput, TeacherError> {
         let fatal = |message: String| TeacherError::Fatal { message, attempts: 1 };
         let l = self.loaded.as_ref().map_err(|e| fatal(e.clone()))?;
@@ -346,11 +381,35 @@ impl Teacher for LocalTeacher {
                 stops.iter().any(|s| text.contains(s.as_str()))
             }))
         };
+        // A given answer is scored as the model would have produced it: its tokens, then the
+        // end-of-turn token the chat template closes an assistant turn with.
+        let score = match &req.answer {
+            None => None,
+            Some(a) => {
+                let mut ids = l.tokenizer.encode(a, false).map_err(|e| fatal(format!("{e:#}")))?;
+                ids.push(l.tokenizer.special.eos);
+                Some(ids)
+            }
+        };
         let generated = l
             .engine
-            .generate(prompt.clone(), req.max_new_tokens as usize, l.tokenizer.special.stop.clone(), stop_check)
+            .generate(EngineRequest {
+                prompt: prompt.clone(),
+                max_new_tokens: req.max_new_tokens as usize,
+                stop_ids: l.tokenizer.special.stop.clone(),
+                stop_check,
+                top_k: req.top_k as usize,
+                score,
+            })
             .await
             .map_err(fatal)?;
+        if req.top_k > 0 && generated.soft_labels.len() != generated.ids.len() {
+            return Err(fatal(format!(
+                "the engine returned {} soft-label positions for {} tokens",
+                generated.soft_labels.len(),
+                generated.ids.len()
+            )));
+        }
         // The text excludes a final end-of-turn token and anything from a stop string on;
         // the ids keep everything the model produced.
         let ids = &generated.ids;
@@ -358,9 +417,14 @@ impl Teacher for LocalTeacher {
             Some(last) if l.tokenizer.special.stop.contains(last) => &ids[..ids.len() - 1],
             _ => &ids[..],
         };
-        let mut text = l.tokenizer.decode(body, false).map_err(|e| fatal(format!("{e:#}")))?;
-        if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(cut);
+        let mut text = match &req.answer {
+            Some(a) => a.clone(),
+            None => l.tokenizer.decode(body, false).map_err(|e| fatal(format!("{e:#}")))?,
+        };
+        if req.answer.is_none() {
+            if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+            }
         }
         Ok(GenerateOutput {
             text,
@@ -372,7 +436,8 @@ impl Teacher for LocalTeacher {
             latency: started.elapsed(),
             http_attempts: 1,
             prompt_token_ids: Some(prompt),
-            completion_token_ids: Some(generated.ids),
+            completion_token_ids: Some(generated.ids.clone()),
+            soft_labels: (req.top_k > 0).then_some(generated.soft_labels),
         })
     }
 }

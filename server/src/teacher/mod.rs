@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::config::{TeacherSettings, TeacherSpec};
+use crate::domain::job::JobMode;
 use crate::domain::render::RenderedRequest;
+use crate::soft_labels::Position;
 
 /// One greedy generation request. Decoding is always temperature 0, top_p 1, one answer.
 #[derive(Debug, Clone)]
@@ -20,6 +22,10 @@ pub struct GenerateRequest {
     pub max_new_tokens: u32,
     pub stop: Vec<String>,
     pub seed: i64,
+    /// Soft labels: top-k pairs to record at every answer position (0: none).
+    pub top_k: u32,
+    /// Teacher forcing: score this answer instead of generating one (rescore jobs).
+    pub answer: Option<String>,
 }
 
 /// What the teacher answered, with the metadata recorded per generation.
@@ -40,6 +46,8 @@ pub struct GenerateOutput {
     pub prompt_token_ids: Option<Vec<u32>>,
     /// Exact answer token ids (including a final end-of-turn token), when known.
     pub completion_token_ids: Option<Vec<u32>>,
+    /// One per answer token id when the request asked for `top_k` > 0 (natural log).
+    pub soft_labels: Option<Vec<Position>>,
 }
 
 /// Why a generation did not come back.
@@ -66,6 +74,13 @@ pub trait Teacher: Send + Sync {
     async fn generate(&self, req: &GenerateRequest) -> Result<GenerateOutput, TeacherError>;
     /// Whether the teacher answers at all.
     async fn health(&self) -> Result<(), String>;
+    /// Whether the teacher can record `k` soft-label pairs per answer token in `mode`; the
+    /// reason if not. Asked once when a job is submitted (an OpenAI-compatible teacher probes
+    /// its server), so a job it cannot serve is refused instead of failing item by item.
+    async fn supports(&self, k: u32, mode: JobMode) -> Result<(), String> {
+        let _ = (k, mode);
+        Err(format!("teacher `{}` cannot record soft labels", self.name()))
+    }
     /// Why the teacher cannot work at all (e.g. its model failed to load); jobs are refused.
     fn load_error(&self) -> Option<String> {
         None

@@ -221,6 +221,7 @@ fn parse_response(bytes: &[u8], chat: bool) -> Result<GenerateOutput, String> {
         http_attempts: 0,
         prompt_token_ids: None,
         completion_token_ids: None,
+        soft_labels: None,
     })
 }
 
