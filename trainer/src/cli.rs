@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser};
 
 use crate::init::InitSpec;
+use crate::kd::{KdConfig, Tail};
 
 /// Fine-tune a student on the teacher answers a distill server recorded in SQLite.
 ///
@@ -128,6 +129,49 @@ pub struct TrainArgs {
     /// Stop after this many steps of this invocation, checkpointing first (for tests of resume).
     #[arg(long, value_name = "N", hide = true)]
     pub stop_after: Option<u64>,
+    #[command(flatten)]
+    pub kd: KdArgs,
+}
+
+/// Knowledge distillation from the teacher's stored soft labels (jobs run with `logprobs`).
+#[derive(Debug, Clone, Args)]
+pub struct KdArgs {
+    /// Train on L = (1-λ)·CE + λ·T²·KL(teacher ‖ student) + λ_Z·z_loss over the stored top-k
+    /// (needs a student with the teacher's vocabulary; every answer must have soft labels).
+    #[arg(long)]
+    pub kd: bool,
+    /// λ: weight of the KL term (0 = hard labels only, 1 = soft labels only).
+    #[arg(long, default_value_t = 0.5, value_name = "λ", requires = "kd")]
+    pub lambda: f64,
+    /// T: temperature both distributions are softened with (the KL is scaled by T²).
+    #[arg(long, default_value_t = 1.0, value_name = "T", requires = "kd")]
+    pub temperature: f64,
+    /// λ_Z: weight of the z-loss, logsumexp(logits)², which keeps logits from drifting.
+    #[arg(long, default_value_t = 1e-4, value_name = "λ_Z", requires = "kd")]
+    pub z_loss: f64,
+    /// Mass outside the teacher's top-k: `bucket` (a (k+1)-th "rest" class on both sides) or
+    /// `renorm` (both renormalised over the top-k).
+    #[arg(long, default_value = "bucket", value_name = "RULE", requires = "kd")]
+    pub tail: Tail,
+}
+
+impl KdArgs {
+    /// The loss configuration, when `--kd` is on; refuses values outside their range.
+    pub fn config(&self) -> anyhow::Result<Option<KdConfig>> {
+        if !self.kd {
+            return Ok(None);
+        }
+        if !(0.0..=1.0).contains(&self.lambda) {
+            anyhow::bail!("--lambda {} is outside 0..=1", self.lambda);
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!("--temperature {} must be a positive number", self.temperature);
+        }
+        if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
+            anyhow::bail!("--z-loss {} must be zero or positive", self.z_loss);
+        }
+        Ok(Some(KdConfig { lambda: self.lambda, temperature: self.temperature, z_loss: self.z_loss, tail: self.tail }))
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -13,6 +13,7 @@ use sqlx::{Row, SqlitePool};
 use server::domain::prompt_set::Message;
 use server::model::chat_template::ChatTemplate;
 use server::model::tokenizer::ModelTokenizer;
+use server::soft_labels::Position;
 
 /// Which answers to train on.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +37,8 @@ pub struct Record {
     pub prompt_token_ids: Option<Vec<u32>>,
     pub completion_token_ids: Option<Vec<u32>>,
     pub teacher_identity: String,
+    /// The stored soft-label blob, when the job recorded logprobs.
+    pub soft_labels: Option<Vec<u8>>,
 }
 
 /// One training example: the loss is on `answer` only.
@@ -46,6 +49,8 @@ pub struct Example {
     pub answer: Vec<u32>,
     /// Hash of the prompt: the train/validation split and nothing else.
     pub split_hash: u64,
+    /// The teacher's top-k for each answer token (KD runs only; aligned with `answer`).
+    pub soft_labels: Option<Vec<Position>>,
 }
 
 impl Example {
@@ -113,7 +118,7 @@ pub async fn records(pool: &SqlitePool, sel: &Selection) -> anyhow::Result<Vec<R
     }
     let rows = sqlx::query(
         "SELECT g.id, g.job_id, c.id AS cid, c.endpoint, c.request, c.text, c.finish_reason,
-                c.prompt_token_ids, c.completion_token_ids, c.teacher_identity
+                c.prompt_token_ids, c.completion_token_ids, c.teacher_identity, c.soft_labels
            FROM generations g JOIN completions c ON c.id = g.completion_id
           WHERE g.status = 'done'
           ORDER BY g.id",
@@ -144,6 +149,7 @@ pub async fn records(pool: &SqlitePool, sel: &Selection) -> anyhow::Result<Vec<R
             prompt_token_ids: blob_ids(r.get("prompt_token_ids")),
             completion_token_ids: blob_ids(r.get("completion_token_ids")),
             teacher_identity: r.get("teacher_identity"),
+            soft_labels: r.get("soft_labels"),
         });
     }
     if out.is_empty() {
@@ -162,6 +168,8 @@ pub struct Encoder<'a> {
     pub template: &'a ChatTemplate,
     /// Use the teacher's recorded ids where present (the student shares the teacher's tokenizer).
     pub use_teacher_ids: bool,
+    /// Attach the soft labels (KD): every example must have them, on the teacher's own ids.
+    pub soft_labels: bool,
 }
 
 /// Counts of what `encode` did, for the log.
@@ -230,9 +238,53 @@ impl Encoder<'_> {
             if let Some(bad) = prompt.iter().chain(&answer).find(|&&t| t >= vocab) {
                 bail!("generation {}: token id {bad} is outside the student's vocabulary ({vocab})", r.generation_id);
             }
-            out.push(Example { generation_id: r.generation_id, prompt, answer, split_hash: split_hash(&r.request) });
+            let soft_labels = if self.soft_labels { Some(self.soft_labels_of(r, &answer)?) } else { None };
+            out.push(Example { generation_id: r.generation_id, prompt, answer, split_hash: split_hash(&r.request), soft_labels });
         }
         Ok((out, stats))
+    }
+}
+
+impl Encoder<'_> {
+    /// A record's soft labels for KD, checked: they exist, they sit on the teacher's own answer
+    /// ids (which the student shares), one per answer token, with ids inside the vocabulary.
+    fn soft_labels_of(&self, r: &Record, answer: &[u32]) -> anyhow::Result<Vec<Position>> {
+        let Some(blob) = &r.soft_labels else {
+            bail!(
+                "--kd: generation {} (job {}) has no soft labels; its job ran without `logprobs`. \
+                 Select jobs that recorded them with --job, or train on hard labels without --kd",
+                r.generation_id,
+                r.job_id
+            )
+        };
+        if !self.use_teacher_ids || r.completion_token_ids.is_none() {
+            bail!(
+                "--kd: the soft labels of generation {} are over the teacher's vocabulary, and the student's tokenizer \
+                 does not reproduce the teacher's token ids; KD needs a student with the teacher's vocabulary \
+                 (hard labels work across tokenizers: drop --kd)",
+                r.generation_id
+            );
+        }
+        let positions = server::soft_labels::decode(blob)
+            .with_context(|| format!("generation {}: stored soft labels do not decode", r.generation_id))?;
+        if positions.len() != answer.len() {
+            bail!(
+                "generation {}: {} soft-label positions for {} answer tokens; the database is inconsistent",
+                r.generation_id,
+                positions.len(),
+                answer.len()
+            );
+        }
+        let vocab = self.tokenizer.vocab_size as u32;
+        if let Some(bad) = positions.iter().flat_map(|p| &p.top).find(|t| t.0 >= vocab) {
+            bail!(
+                "--kd: generation {}: teacher token id {} is outside the student's vocabulary ({vocab}); \
+                 soft labels need the teacher's vocabulary",
+                r.generation_id,
+                bad.0
+            );
+        }
+        Ok(positions)
     }
 }
 
@@ -271,10 +323,25 @@ pub struct Batch {
     pub segments: Vec<u32>,
     /// Answer tokens in the batch (= sum of mask).
     pub loss_tokens: usize,
+    /// Soft-label pairs per position (0 when the examples carry none).
+    pub k: usize,
+    /// `rows × len × k` teacher top-k ids for each target (0 where there is none) ...
+    pub teacher_ids: Vec<u32>,
+    /// ... and their natural-log probabilities (−∞ where there is none).
+    pub teacher_logprobs: Vec<f32>,
 }
 
-/// The model's view of one example: inputs and targets shifted by one, and the loss mask.
-fn example_rows(e: &Example, max_len: usize) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+/// One example laid out for the model: inputs and targets shifted by one, the loss mask, and
+/// the soft labels of each target (k per position).
+struct Laid {
+    input: Vec<u32>,
+    target: Vec<u32>,
+    mask: Vec<f32>,
+    teacher_ids: Vec<u32>,
+    teacher_logprobs: Vec<f32>,
+}
+
+fn lay_out(e: &Example, max_len: usize, k: usize) -> Laid {
     let mut seq: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
     // Over-long examples keep their end of prompt out: cut the answer's tail instead so the
     // prompt (the context the answer depends on) stays whole where it fits.
@@ -283,16 +350,30 @@ fn example_rows(e: &Example, max_len: usize) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
     let input = seq[..n].to_vec();
     let target = seq[1..].to_vec();
     let mask = (0..n).map(|t| if t + 1 >= e.prompt.len() { 1.0 } else { 0.0 }).collect();
-    (input, target, mask)
+    let (mut teacher_ids, mut teacher_logprobs) = (vec![0u32; n * k], vec![f32::NEG_INFINITY; n * k]);
+    if let Some(soft) = &e.soft_labels {
+        // Target t is answer token t + 1 − prompt length; its soft labels are that position's.
+        for t in e.prompt.len().saturating_sub(1)..n {
+            let pos = &soft[t + 1 - e.prompt.len()];
+            for (j, &(id, lp)) in pos.top.iter().take(k).enumerate() {
+                teacher_ids[t * k + j] = id;
+                teacher_logprobs[t * k + j] = lp;
+            }
+        }
+    }
+    Laid { input, target, mask, teacher_ids, teacher_logprobs }
 }
 
 /// Packs examples in the given order, first fit into rows of `max_len` tokens, `rows` rows per
-/// micro-batch. Examples longer than `max_len + 1` tokens are truncated to fit.
+/// micro-batch. Examples longer than `max_len + 1` tokens are truncated to fit. Soft labels
+/// come along when the examples have them (k: the largest of theirs; shorter ones are padded
+/// with −∞, which carry no teacher mass).
 pub fn pack(examples: &[&Example], max_len: usize, rows: usize) -> Vec<Batch> {
+    let k = examples.iter().filter_map(|e| e.soft_labels.as_ref()).flat_map(|s| s.first()).map(|p| p.top.len()).max().unwrap_or(0);
     let mut batches = Vec::new();
-    let mut row_items: Vec<Vec<(Vec<u32>, Vec<u32>, Vec<f32>)>> = Vec::new();
+    let mut row_items: Vec<Vec<Laid>> = Vec::new();
     let mut row_fill: Vec<usize> = Vec::new();
-    let flush = |row_items: &mut Vec<Vec<(Vec<u32>, Vec<u32>, Vec<f32>)>>, row_fill: &mut Vec<usize>, batches: &mut Vec<Batch>| {
+    let flush = |row_items: &mut Vec<Vec<Laid>>, row_fill: &mut Vec<usize>, batches: &mut Vec<Batch>| {
         if row_items.is_empty() {
             return;
         }
@@ -307,18 +388,24 @@ pub fn pack(examples: &[&Example], max_len: usize, rows: usize) -> Vec<Batch> {
             positions: vec![0; nrows * len],
             segments: vec![0; nrows * len],
             loss_tokens: 0,
+            k,
+            teacher_ids: vec![0; nrows * len * k],
+            teacher_logprobs: vec![f32::NEG_INFINITY; nrows * len * k],
         };
         for (r, items) in row_items.iter().enumerate() {
             let mut at = r * len;
-            for (seg, (inp, tgt, m)) in items.iter().enumerate() {
-                for i in 0..inp.len() {
-                    b.input[at + i] = inp[i];
-                    b.target[at + i] = tgt[i];
-                    b.mask[at + i] = m[i];
+            for (seg, item) in items.iter().enumerate() {
+                let n = item.input.len();
+                b.input[at..at + n].copy_from_slice(&item.input);
+                b.target[at..at + n].copy_from_slice(&item.target);
+                b.mask[at..at + n].copy_from_slice(&item.mask);
+                for i in 0..n {
                     b.positions[at + i] = i as u32;
                     b.segments[at + i] = seg as u32 + 1;
                 }
-                at += inp.len();
+                b.teacher_ids[at * k..(at + n) * k].copy_from_slice(&item.teacher_ids);
+                b.teacher_logprobs[at * k..(at + n) * k].copy_from_slice(&item.teacher_logprobs);
+                at += n;
             }
         }
         b.loss_tokens = b.mask.iter().filter(|m| **m > 0.0).count();
@@ -327,8 +414,8 @@ pub fn pack(examples: &[&Example], max_len: usize, rows: usize) -> Vec<Batch> {
         row_fill.clear();
     };
     for e in examples {
-        let item = example_rows(e, max_len);
-        let n = item.0.len();
+        let item = lay_out(e, max_len, k);
+        let n = item.input.len();
         if n == 0 {
             continue;
         }

@@ -22,6 +22,8 @@ pub struct BatchTensors {
     pub mask: Tensor,
     pub positions: Tensor,
     pub segments: Tensor,
+    /// The teacher's top-k ids [B, T, k] and log-probabilities, when the batch has soft labels.
+    pub teacher: Option<(Tensor, Tensor)>,
 }
 
 impl BatchTensors {
@@ -33,6 +35,15 @@ impl BatchTensors {
             mask: Tensor::from_slice(&b.mask, shape, device)?.to_dtype(dtype)?,
             positions: Tensor::from_slice(&b.positions, shape, device)?,
             segments: Tensor::from_slice(&b.segments, shape, device)?,
+            teacher: if b.k == 0 {
+                None
+            } else {
+                let shape = (b.rows, b.len, b.k);
+                Some((
+                    Tensor::from_slice(&b.teacher_ids, shape, device)?,
+                    Tensor::from_slice(&b.teacher_logprobs, shape, device)?.to_dtype(dtype)?,
+                ))
+            },
         })
     }
 }

@@ -15,7 +15,9 @@
 //! - `Tail::Renorm`: both sides renormalised over the teacher's top-k ids, then tempered.
 //!
 //! KL terms with zero teacher probability are 0 (not NaN); −∞ log-probabilities, zero tail mass
-//! and f16-rounded inputs are all finite here. `z_loss` is `logsumexp(z)²` (PaLM), which keeps
+//! and f16-rounded inputs are all finite here. A position whose teacher pairs are all −∞ has no
+//! soft label (e.g. an end-of-turn token a server did not report): it gets no KL term, only the
+//! cross-entropy and z-loss. `z_loss` is `logsumexp(z)²` (PaLM), which keeps
 //! the student's logits from drifting. Every term is averaged over the positions' mask weights
 //! by the caller, like the cross-entropy: this returns sums and leaves the division to the step.
 //!
@@ -140,7 +142,9 @@ pub fn kd_loss(
     } else {
         (temper(&log_p, cfg.temperature)?, temper(&log_q, cfg.temperature)?)
     };
-    let kl = (kl(&log_p, &log_q)? * &mask)?.sum_all()?;
+    // Positions without soft labels (every pair −∞, clamped to −1e4 above) carry no KL.
+    let labelled = tlp.max(D::Minus1)?.gt(-1e3)?.to_dtype(dt)?;
+    let kl = ((kl(&log_p, &log_q)? * &mask)? * labelled)?.sum_all()?;
     let total = ((ce.affine(1.0 - cfg.lambda, 0.0)? + kl.affine(cfg.lambda * cfg.temperature * cfg.temperature, 0.0)?)?
         + zl.affine(cfg.z_loss, 0.0)?)?;
     Ok(KdTerms { ce, kl, z: zl, total })

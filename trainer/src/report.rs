@@ -19,6 +19,11 @@ pub enum Metric {
         grad_norm: f64,
         tokens: u64,
         tokens_per_s: f64,
+        /// KD runs: the step's mean cross-entropy and KL terms (`loss` is their weighted sum).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ce: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kl: Option<f64>,
     },
     Eval {
         step: u64,
@@ -178,6 +183,74 @@ pub fn plot(metrics: &[Metric], path: &Path) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
     chart.draw_series(val.iter().map(|p| Circle::new(*p, 3, RED.filled()))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a run's metrics.jsonl (a line cut by a crash ends it).
+pub fn read_metrics(path: &Path) -> anyhow::Result<Vec<Metric>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.lines().filter(|l| !l.trim().is_empty()).map_while(|l| serde_json::from_str(l).ok()).collect())
+}
+
+/// Compares runs: validation cross-entropy (left) and greedy agreement with the teacher (right)
+/// against steps, one colour per run.
+pub fn plot_runs(runs: &[(String, Vec<Metric>)], path: &Path) -> anyhow::Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
+    let evals = |m: &[Metric], pick: fn(&Metric) -> Option<f64>| -> Vec<(f64, f64)> {
+        m.iter().filter_map(|x| pick(x).map(|v| (x.step() as f64, v))).collect()
+    };
+    let loss = |m: &Metric| match m {
+        Metric::Eval { val_loss, .. } => Some(*val_loss),
+        _ => None,
+    };
+    let agree = |m: &Metric| match m {
+        Metric::Eval { greedy_agreement, .. } => Some(100.0 * greedy_agreement),
+        _ => None,
+    };
+    let has_font = font();
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let panels = root.split_evenly((1, 2));
+    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    for (panel, (pick, title, unit)) in panels.iter().zip([
+        (loss as fn(&Metric) -> Option<f64>, "validation cross-entropy", "nats per answer token"),
+        (agree, "greedy agreement with the teacher", "% of answer tokens"),
+    ]) {
+        let series: Vec<Vec<(f64, f64)>> = runs.iter().map(|(_, m)| evals(m, pick)).collect();
+        let all = series.iter().flatten();
+        let (lo, hi) = all.clone().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let max_step = all.map(|p| p.0).fold(1.0, f64::max);
+        if lo > hi {
+            continue;
+        }
+        let pad = ((hi - lo) * 0.08).max(1e-3);
+        let mut builder = ChartBuilder::on(panel);
+        builder.margin(18);
+        if has_font {
+            builder.caption(title, ("sans-serif", 20)).x_label_area_size(40).y_label_area_size(60);
+        }
+        let mut chart = builder.build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad)).map_err(|e| err(&e))?;
+        if has_font {
+            chart.configure_mesh().x_desc("step").y_desc(unit).draw().map_err(|e| err(&e))?;
+        }
+        for (i, ((name, _), pts)) in runs.iter().zip(&series).enumerate() {
+            let c = colours[i % colours.len()];
+            let s = chart.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2))).map_err(|e| err(&e))?;
+            if has_font {
+                s.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            }
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.filled()))).map_err(|e| err(&e))?;
+        }
+        if has_font {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+    }
     root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(())
 }

@@ -19,6 +19,7 @@ use crate::cli::{DataArgs, EvalArgs, TrainArgs};
 use crate::data::{self, Batch, Example, Selection};
 use crate::eval::{evaluate, BatchTensors, EvalResult};
 use crate::init::{self, Init, TokenizerAndTemplate};
+use crate::kd::kd_loss;
 use crate::model::{masked_cross_entropy, Llama};
 use crate::optim::{accumulate_grads, clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::report::{plot, Metric, MetricsLog};
@@ -41,7 +42,8 @@ fn device() -> anyhow::Result<Device> {
 }
 
 /// Reads the database and turns the selected answers into split, tokenized examples.
-pub fn prepare(args: &DataArgs, tok: &TokenizerAndTemplate) -> anyhow::Result<Prepared> {
+/// With `kd`, every example carries its soft labels (or this fails saying why).
+pub fn prepare(args: &DataArgs, tok: &TokenizerAndTemplate, kd: bool) -> anyhow::Result<Prepared> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let records = rt.block_on(async {
         let pool = data::open(&args.from_db).await?;
@@ -64,7 +66,7 @@ pub fn prepare(args: &DataArgs, tok: &TokenizerAndTemplate) -> anyhow::Result<Pr
         ),
         (None, false) => ChatTemplate::new("", "", "")?,
     };
-    let enc = data::Encoder { tokenizer: &tok.tokenizer, template: &template, use_teacher_ids: false };
+    let enc = data::Encoder { tokenizer: &tok.tokenizer, template: &template, use_teacher_ids: false, soft_labels: false };
     // The teacher's own ids are used when the student's tokenizer and template reproduce the
     // teacher's prompt ids exactly (same vocabulary); otherwise everything is re-tokenized.
     let with_ids: Vec<&data::Record> = records.iter().filter(|r| r.prompt_token_ids.is_some()).collect();
@@ -75,7 +77,7 @@ pub fn prepare(args: &DataArgs, tok: &TokenizerAndTemplate) -> anyhow::Result<Pr
             break;
         }
     }
-    let enc = data::Encoder { use_teacher_ids: same, ..enc };
+    let enc = data::Encoder { use_teacher_ids: same, soft_labels: kd, ..enc };
     let (examples, stats) = enc.encode(&records)?;
     eprintln!(
         "data: {} answers from {} → {} examples ({} with the teacher's token ids, {} re-tokenized{})",
@@ -151,6 +153,7 @@ fn fingerprint(args: &TrainArgs, p: &Prepared, total_steps: u64) -> String {
         "max_grad_norm": args.max_grad_norm,
         "train_examples": ids.len(),
         "data": data_hash,
+        "kd": args.kd.config().ok().flatten().map(|c| format!("{c:?}")),
     })
     .to_string()
 }
@@ -190,7 +193,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let dev = device()?;
     let mut init = init::load(&args.init, args.data.tokenizer.as_deref())?;
-    let prepared = prepare(&args.data, &init.tokenizer)?;
+    let kd = args.kd.config()?;
+    let prepared = prepare(&args.data, &init.tokenizer, kd.is_some())?;
     let model = build_student(&mut init, args.keep_layers.as_deref(), args.seed, &dev)?;
     check_out_dir(&out)?;
     let rows = rows_per_batch(args.batch_tokens, args.data.max_len);
@@ -282,13 +286,24 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let step_tokens: usize = micro.iter().map(|b| b.loss_tokens).sum();
         let mut grads = None;
         let mut loss_sum = 0f64;
+        let (mut ce_sum, mut kl_sum) = (0f64, 0f64);
         let mut seen_tokens = 0u64;
+        let per_token = 1.0 / step_tokens.max(1) as f64;
         for b in &micro {
             let t = BatchTensors::new(b, &dev, DType::F32)?;
             let logits = model.forward(&t.input, &t.positions, &t.segments)?;
-            let (sum, _) = masked_cross_entropy(&logits, &t.target, &t.mask)?;
+            let sum = match (&kd, &t.teacher) {
+                (Some(cfg), Some((ids, lps))) => {
+                    let terms = kd_loss(&logits, &t.target, ids, lps, &t.mask, cfg)?;
+                    ce_sum += terms.ce.to_dtype(DType::F64)?.to_scalar::<f64>()? * per_token;
+                    kl_sum += terms.kl.to_dtype(DType::F64)?.to_scalar::<f64>()? * per_token;
+                    terms.total
+                }
+                (Some(_), None) => bail!("--kd: a micro-batch has no soft labels"),
+                (None, _) => masked_cross_entropy(&logits, &t.target, &t.mask)?.0,
+            };
             // Mean over the answer tokens of the whole step, not per micro-batch.
-            let loss = (sum / step_tokens.max(1) as f64)?;
+            let loss = (sum * per_token)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             accumulate_grads(&mut grads, loss.backward()?, &params)?;
             seen_tokens += b.segments.iter().filter(|s| **s > 0).count() as u64;
@@ -314,6 +329,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             grad_norm: norm,
             tokens: state.tokens,
             tokens_per_s: seen_tokens as f64 / secs.max(1e-9),
+            ce: kd.is_some().then_some(ce_sum),
+            kl: kd.is_some().then_some(kl_sum),
         })?;
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss_sum:.4}  {:.0} tok/s", seen_tokens as f64 / secs.max(1e-9)));
@@ -356,7 +373,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let dev = device()?;
     let mut init = init::load(&args.model, args.data.tokenizer.as_deref())?;
-    let prepared = prepare(&args.data, &init.tokenizer)?;
+    let prepared = prepare(&args.data, &init.tokenizer, false)?;
     let model = build_student(&mut init, args.keep_layers.as_deref(), 0, &dev)?;
     let rows = rows_per_batch(args.batch_tokens, args.data.max_len);
     let val = data::pack(&prepared.val.iter().collect::<Vec<_>>(), args.data.max_len, rows);

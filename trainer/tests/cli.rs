@@ -17,6 +17,8 @@ use server::config::{Precision, Settings, TeacherSpec};
 /// model in f32 arithmetic (job `F32_JOB`).
 const QUANTIZED_JOB: &str = "1";
 const F32_JOB: &str = "2";
+/// The math set again, from the quantized teacher with top-20 soft labels.
+const KD_JOB: &str = "3";
 
 /// The gen.sqlite described above (made once; the server's folder is kept, WAL files included).
 fn teacher_db() -> &'static Path {
@@ -51,6 +53,9 @@ fn teacher_db() -> &'static Path {
             let set = t.prompt_set("math", &math).await;
             let job = t.job(json!({"prompt_set": set, "teacher": "smol-f32", "max_new_tokens": 160})).await;
             assert_eq!(job.to_string(), F32_JOB);
+            t.wait_done(job, Duration::from_secs(900)).await;
+            let job = t.job(json!({"prompt_set": set, "teacher": "smol", "max_new_tokens": 160, "logprobs": 20})).await;
+            assert_eq!(job.to_string(), KD_JOB);
             t.wait_done(job, Duration::from_secs(900)).await;
             let dir = t.shutdown().await;
             let path = dir.path().join("gen.sqlite");
@@ -90,9 +95,13 @@ fn metrics(dir: &Path) -> Vec<Value> {
 const STUDENT_LAYERS: &str = "0,5,10,15,20,25,29";
 
 fn train_args<'a>(db: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    train_args_for(QUANTIZED_JOB, db, out, extra)
+}
+
+fn train_args_for<'a>(job: &'a str, db: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let gguf: &'static str = Box::leak(smollm2_gguf().display().to_string().into_boxed_str());
     let mut a = vec![
-        "--from-db", db, "--job", QUANTIZED_JOB, "--init", gguf, "--out", out, "--keep-layers", STUDENT_LAYERS, "--max-len", "256",
+        "--from-db", db, "--job", job, "--init", gguf, "--out", out, "--keep-layers", STUDENT_LAYERS, "--max-len", "256",
         "--batch-tokens", "1024", "--lr", "3e-4", "--warmup", "2", "--seed", "7",
     ];
     a.extend_from_slice(extra);
@@ -148,6 +157,81 @@ fn trains_a_pruned_student_and_resume_equals_an_uninterrupted_run() {
     let a = std::fs::read(full_dir.join("model.safetensors")).unwrap();
     let b = std::fs::read(Path::new(&split).join("model.safetensors")).unwrap();
     assert!(a == b, "resumed weights differ from the uninterrupted run's");
+}
+
+/// The training-step lines of a run, without their timing.
+fn train_lines(dir: &Path) -> Vec<Value> {
+    metrics(dir)
+        .into_iter()
+        .filter(|m| m["kind"] == "train")
+        .map(|mut m| {
+            m.as_object_mut().unwrap().remove("tokens_per_s");
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn kd_with_lambda_zero_and_no_z_loss_is_the_hard_label_run() {
+    // The KD path with λ = 0 and λ_Z = 0 is (1 − 0)·CE: the same losses, step for step, as a
+    // run without --kd, so the KD wiring adds nothing of its own to the hard-label term.
+    let db = teacher_db().display().to_string();
+    let runs = tempfile::tempdir().unwrap();
+    let (hard, kd) = (runs.path().join("hard").display().to_string(), runs.path().join("kd").display().to_string());
+    let extra = ["--max-steps", "3", "--eval-every", "3"];
+    let o = trainer(&train_args_for(KD_JOB, &db, &hard, &extra));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = trainer(&train_args_for(KD_JOB, &db, &kd, &[&extra[..], &["--kd", "--lambda", "0", "--z-loss", "0"]].concat()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (train_lines(Path::new(&hard)), train_lines(Path::new(&kd)));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!((lx - ly).abs() <= 1e-4 * lx.abs(), "hard {x} vs kd λ=0 {y}");
+        assert!((y["ce"].as_f64().unwrap() - ly).abs() <= 1e-4 * ly.abs(), "{y}");
+        assert!(x.get("kl").is_none() && y["kl"].as_f64().unwrap().is_finite());
+    }
+}
+
+#[test]
+fn kd_trains_on_the_teachers_soft_labels() {
+    let db = teacher_db().display().to_string();
+    let runs = tempfile::tempdir().unwrap();
+    let out = runs.path().join("kd").display().to_string();
+    let o = trainer(&train_args_for(KD_JOB, &db, &out, &["--max-steps", "6", "--eval-every", "6", "--kd", "--lambda", "1"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = metrics(Path::new(&out));
+    let kl: Vec<f64> = m.iter().filter(|x| x["kind"] == "train").map(|x| x["kl"].as_f64().unwrap()).collect();
+    let evals: Vec<f64> = m.iter().filter(|x| x["kind"] == "eval").map(|x| x["val_loss"].as_f64().unwrap()).collect();
+    eprintln!("KD λ = 1: KL per step {kl:?}; validation CE {evals:?}");
+    assert!(kl.iter().all(|k| k.is_finite() && *k >= 0.0), "{kl:?}");
+    assert!(kl[5] < kl[0], "the KL to the teacher did not go down: {kl:?}");
+    // Soft labels alone teach the hard labels too: the cross-entropy on held-out answers falls.
+    assert!(evals[1] < evals[0], "{evals:?}");
+
+    // The other tail rule and a temperature: finite, and a different loss.
+    let renorm = runs.path().join("renorm").display().to_string();
+    let o = trainer(&train_args_for(
+        KD_JOB, &db, &renorm, &["--max-steps", "1", "--eval-every", "1", "--kd", "--tail", "renorm", "--temperature", "2"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = train_lines(Path::new(&renorm));
+    assert!(r[0]["loss"].as_f64().unwrap().is_finite() && r[0]["kl"].as_f64().unwrap() >= 0.0, "{r:?}");
+
+    // A student whose tokenizer does not reproduce the teacher's ids (here: its chat template
+    // differs) is refused soft labels; hard labels still train.
+    let cfg_path = Path::new(&out).join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let other = format!("Conversation:\n{}", cfg["chat_template"].as_str().unwrap());
+    cfg["chat_template"] = Value::String(other);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let again = runs.path().join("again").display().to_string();
+    let base = ["--from-db", &db, "--job", KD_JOB, "--init", &out, "--out", &again, "--max-steps", "1", "--max-len", "256"];
+    let o = trainer(&[&base[..], &["--kd"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("does not reproduce the teacher's token ids"), "{}", stderr(&o));
+    assert!(!Path::new(&again).exists());
+    let o = trainer(&base);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// `trainer eval` of the un-pruned student (the GGUF itself) on one job's answers.
@@ -259,6 +343,10 @@ fn bad_input_is_refused_with_a_message_and_nothing_written() {
             "does not match the tokenizer",
         ),
         (vec!["--from-db".into(), db_s.clone(), "--out".into(), s(&as_file.join("sub"))], "--out"),
+        (vec!["--from-db".into(), db_s.clone(), "--job".into(), QUANTIZED_JOB.into(), "--kd".into()], "has no soft labels"),
+        (vec!["--from-db".into(), db_s.clone(), "--job".into(), KD_JOB.into(), "--kd".into(), "--lambda".into(), "1.5".into()], "outside 0..=1"),
+        (vec!["--from-db".into(), db_s.clone(), "--job".into(), KD_JOB.into(), "--kd".into(), "--tail".into(), "cut".into()], "bucket or renorm"),
+        (vec!["--from-db".into(), db_s.clone(), "--job".into(), KD_JOB.into(), "--lambda".into(), "0.5".into()], "--kd"),
     ];
     for (args, want) in cases {
         let mut full: Vec<String> = args.clone();

@@ -1,9 +1,11 @@
-//! The train/validation split (deterministic, by prompt hash, default 5 % with a minimum) and
-//! the checkpoint's crash safety (a save killed before its rename leaves the previous one).
+//! The train/validation split (deterministic, by prompt hash, default 5 % with a minimum), soft
+//! labels carried through packing onto the right targets, and the checkpoint's crash safety (a
+//! save killed before its rename leaves the previous one).
 
 use candle_core::{Device, Tensor};
 use trainer::checkpoint::{load, save, State};
-use trainer::data::{split, Example};
+use server::soft_labels::Position;
+use trainer::data::{pack, split, Example};
 
 fn examples(n: usize) -> Vec<Example> {
     (0..n as i64)
@@ -13,6 +15,7 @@ fn examples(n: usize) -> Vec<Example> {
             answer: vec![2],
             // A spread of hashes as sha256 gives them.
             split_hash: (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            soft_labels: None,
         })
         .collect()
 }
@@ -40,6 +43,57 @@ fn split_is_deterministic_by_hash_with_a_minimum() {
     let (train, val) = split(examples(3), 0.05, 4).unwrap();
     assert_eq!((train.len(), val.len()), (1, 2));
     assert!(split(examples(1), 0.05, 4).unwrap_err().to_string().contains("need at least 2"));
+}
+
+/// An example whose soft labels name, at answer position j, the ids 1000·(j+1) + 0..k.
+fn soft_example(id: i64, prompt: usize, answer: usize, k: usize) -> Example {
+    let soft = (0..answer)
+        .map(|j| Position {
+            chosen_logprob: -0.5,
+            top: (0..k).map(|c| ((1000 * (j + 1) + c) as u32, -(c as f32) - 0.25)).collect(),
+        })
+        .collect();
+    Example {
+        generation_id: id,
+        prompt: (0..prompt as u32).map(|t| 10 + t).collect(),
+        answer: (0..answer as u32).map(|t| 500 + t).collect(),
+        split_hash: id as u64,
+        soft_labels: Some(soft),
+    }
+}
+
+#[test]
+fn packing_puts_each_answer_tokens_soft_labels_on_the_target_that_predicts_it() {
+    // Two examples in one row (the second with a smaller k, padded), one truncated by max_len.
+    let a = soft_example(1, 3, 4, 3);
+    let b = soft_example(2, 2, 3, 2);
+    let c = soft_example(3, 5, 10, 3);
+    let batches = pack(&[&a, &b, &c], 12, 2);
+    assert_eq!(batches.len(), 1);
+    let bt = &batches[0];
+    assert_eq!(bt.k, 3);
+    assert_eq!(bt.teacher_ids.len(), bt.rows * bt.len * 3);
+    let mut checked = 0;
+    for i in 0..bt.rows * bt.len {
+        let row = &bt.teacher_ids[i * 3..i * 3 + 3];
+        let lps = &bt.teacher_logprobs[i * 3..i * 3 + 3];
+        if bt.mask[i] == 0.0 {
+            assert!(lps.iter().all(|l| *l == f32::NEG_INFINITY), "position {i}: a prompt or pad target has soft labels");
+            continue;
+        }
+        // The target is answer token 500 + j: its soft labels are position j's.
+        let j = (bt.target[i] - 500) as usize;
+        assert_eq!(row[0] as usize, 1000 * (j + 1), "position {i}");
+        assert_eq!(lps[0], -0.25);
+        if bt.segments[i] == 2 && i < bt.len {
+            // Example b has k = 2: the third pair is padding with no teacher mass.
+            assert_eq!(lps[2], f32::NEG_INFINITY);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, bt.loss_tokens);
+    // a: 4, b: 3, c: cut to 13 tokens (12 targets), of which 8 are answer tokens.
+    assert_eq!(bt.loss_tokens, 4 + 3 + 8);
 }
 
 #[test]

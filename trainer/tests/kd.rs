@@ -1,7 +1,8 @@
 //! The KD loss (`trainer::kd`) against a plain float64 reference written from its definition:
 //! value and gradient (central differences of the reference) on random inputs, both tail rules,
 //! T = 1 and T = 2, with −∞ teacher log-probabilities, a teacher whose top-k holds all the mass
-//! (zero tail), f16-rounded teacher values, and masked / weighted positions.
+//! (zero tail), a position with no soft labels (all −∞: no KL), f16-rounded teacher values, and
+//! masked / weighted positions.
 
 use candle_core::{DType, Device, Tensor, Var};
 use trainer::kd::{kd_loss, KdConfig, Tail};
@@ -59,7 +60,12 @@ fn case(seed: u64) -> Case {
         order.sort_by(|a, b| lp[*b].partial_cmp(&lp[*a]).unwrap().then(a.cmp(b)));
         for &i in &order[..K] {
             ids.push(i as u32);
-            tlp.push(half::f16::from_f64(lp[i]).to_f64());
+            // Position 4 has no soft labels at all: padding, id 0 and −∞.
+            tlp.push(if pos == 4 { f64::NEG_INFINITY } else { half::f16::from_f64(lp[i]).to_f64() });
+        }
+        if pos == 4 {
+            ids.truncate(ids.len() - K);
+            ids.extend(std::iter::repeat_n(0, K));
         }
     }
     let mask = vec![1.0, 1.0, 0.0, 0.5, 1.0, 2.0];
@@ -108,6 +114,8 @@ fn reference(c: &Case, logits: &[f64], cfg: &KdConfig) -> f64 {
             lq = log_softmax(&lq.iter().map(|v| v / t).collect::<Vec<_>>());
         }
         let kl: f64 = lp.iter().zip(&lq).filter(|(p, _)| p.exp() > 0.0).map(|(p, q)| p.exp() * (p - q)).sum();
+        // No soft labels at this position: no KL term.
+        let kl = if tlp.iter().all(|v| *v == f64::NEG_INFINITY) { 0.0 } else { kl };
         total += w * ((1.0 - cfg.lambda) * ce + cfg.lambda * cfg.temperature * cfg.temperature * kl + cfg.z_loss * zl);
     }
     total
