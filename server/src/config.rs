@@ -54,6 +54,23 @@ pub struct Cli {
     #[arg(long = "local-precision", value_name = "NAME=PRECISION")]
     pub local_precisions: Vec<String>,
 
+    /// Tokenizer of an OpenAI-compatible teacher, as NAME=PATH (a GGUF file, a tokenizer.json or
+    /// a folder with one): maps the token texts a server returns with logprobs to ids, for
+    /// servers that do not return ids (llama.cpp, mistral.rs; vLLM returns them).
+    #[arg(long = "teacher-tokenizer", value_name = "NAME=PATH")]
+    pub teacher_tokenizers: Vec<String>,
+
+    /// Extra JSON fields for every request of an OpenAI-compatible teacher, as NAME=JSON, for
+    /// server-specific decoding settings, e.g. llama-cpp-python's server applies a repeat
+    /// penalty of 1.1 unless sent `llama={"repeat_penalty": 1.0}`. Part of the cache identity.
+    #[arg(long = "teacher-body", value_name = "NAME=JSON")]
+    pub teacher_bodies: Vec<String>,
+
+    /// Base of the log-probabilities an OpenAI-compatible teacher reports, as NAME=BASE: `e`
+    /// (default: OpenAI, vLLM, llama.cpp) or `10` (mistral.rs); stored values are natural logs.
+    #[arg(long = "logprob-base", value_name = "NAME=BASE")]
+    pub logprob_bases: Vec<String>,
+
     /// Bearer token required on every /v1 call and /metrics (env DISTILL_API_TOKEN).
     #[arg(long, value_name = "TOKEN", env = "DISTILL_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -142,6 +159,12 @@ pub struct FileTeacherTable {
     pub engine: Option<String>,
     /// Arithmetic of a local teacher on the native engine: quantized or f32.
     pub precision: Option<String>,
+    /// Tokenizer of an OpenAI-compatible teacher (maps returned token texts to ids).
+    pub tokenizer: Option<PathBuf>,
+    /// Base of an OpenAI-compatible teacher's log-probabilities: "e" or "10".
+    pub logprob_base: Option<String>,
+    /// Extra fields for every request body of an OpenAI-compatible teacher.
+    pub body: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Applies `flag NAME=VALUE` arguments to the teachers they name.
@@ -261,6 +284,54 @@ pub struct TeacherSettings {
     pub local_engine: LocalEngine,
     /// Arithmetic of a local teacher on the native engine.
     pub local_precision: Precision,
+    /// Tokenizer of an OpenAI-compatible teacher, for servers that return token texts.
+    pub tokenizer: Option<PathBuf>,
+    /// Base of an OpenAI-compatible teacher's log-probabilities.
+    pub logprob_base: LogprobBase,
+    /// Extra fields merged into every request body (OpenAI-compatible teachers).
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Request fields the OpenAI-compatible teacher sets itself; `--teacher-body` may not change them.
+const OWN_BODY_FIELDS: [&str; 14] = [
+    "model", "messages", "prompt", "temperature", "top_p", "n", "seed", "max_tokens", "stop", "stream", "logprobs",
+    "top_logprobs", "return_tokens_as_token_ids", "echo",
+];
+
+fn check_extra_body(body: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<()> {
+    if let Some(k) = body.keys().find(|k| OWN_BODY_FIELDS.contains(&k.as_str())) {
+        bail!("`{k}` is set by the server itself (greedy decoding, the job's parameters); leave it out of the extra body");
+    }
+    Ok(())
+}
+
+/// The base a server's log-probabilities are in; stored ones are always natural.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogprobBase {
+    #[default]
+    E,
+    Ten,
+}
+
+impl LogprobBase {
+    /// Factor that turns the server's values into natural logs.
+    pub fn to_natural(self) -> f64 {
+        match self {
+            LogprobBase::E => 1.0,
+            LogprobBase::Ten => std::f64::consts::LN_10,
+        }
+    }
+}
+
+impl std::str::FromStr for LogprobBase {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "e" => Ok(LogprobBase::E),
+            "10" => Ok(LogprobBase::Ten),
+            other => bail!("log-probability base `{other}`: use e or 10"),
+        }
+    }
 }
 
 impl std::fmt::Debug for TeacherSettings {
@@ -277,6 +348,9 @@ impl std::fmt::Debug for TeacherSettings {
             .field("chat_template", &self.chat_template)
             .field("local_engine", &self.local_engine)
             .field("local_precision", &self.local_precision)
+            .field("tokenizer", &self.tokenizer)
+            .field("logprob_base", &self.logprob_base)
+            .field("extra_body", &self.extra_body)
             .finish()
     }
 }
@@ -353,6 +427,9 @@ impl Settings {
             chat_template: None,
             local_engine: LocalEngine::Auto,
             local_precision: Precision::Quantized,
+            tokenizer: None,
+            logprob_base: LogprobBase::E,
+            extra_body: serde_json::Map::new(),
         }
     }
 
@@ -408,6 +485,14 @@ impl Settings {
                     if let Some(p) = &tab.precision {
                         t.local_precision = p.parse().with_context(|| format!("teacher `{name}`: precision"))?;
                     }
+                    t.tokenizer = tab.tokenizer.clone();
+                    if let Some(b) = &tab.body {
+                        check_extra_body(b).with_context(|| format!("teacher `{name}`: body"))?;
+                        t.extra_body = b.clone();
+                    }
+                    if let Some(b) = &tab.logprob_base {
+                        t.logprob_base = b.parse().with_context(|| format!("teacher `{name}`: logprob_base"))?;
+                    }
                     t
                 }
             };
@@ -431,6 +516,21 @@ impl Settings {
         })?;
         per_teacher(&mut teachers, "--local-precision", "smol=f32", &cli.local_precisions, |t, v| {
             t.local_precision = v.parse()?;
+            Ok(())
+        })?;
+        per_teacher(&mut teachers, "--teacher-tokenizer", "llama=models/model.gguf", &cli.teacher_tokenizers, |t, v| {
+            t.tokenizer = Some(PathBuf::from(v));
+            Ok(())
+        })?;
+        per_teacher(&mut teachers, "--teacher-body", r#"llama={"repeat_penalty":1.0}"#, &cli.teacher_bodies, |t, v| {
+            let body: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(v).context("the value must be a JSON object")?;
+            check_extra_body(&body)?;
+            t.extra_body = body;
+            Ok(())
+        })?;
+        per_teacher(&mut teachers, "--logprob-base", "mistralrs=10", &cli.logprob_bases, |t, v| {
+            t.logprob_base = v.parse()?;
             Ok(())
         })?;
         for t in &teachers {

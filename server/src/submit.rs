@@ -23,7 +23,7 @@ pub async fn create_job(s: &AppState, req: JobRequest) -> ApiResult<i64> {
         return Err(ApiError::invalid("teacher", why));
     }
     if params.logprobs > 0 {
-        teacher.supports(params.logprobs, params.mode).await.map_err(|why| ApiError::invalid("logprobs", why))?;
+        teacher.supports(&params).await.map_err(|why| ApiError::invalid("logprobs", why))?;
     }
     let set = store::prompt_sets::get(&s.db, req.prompt_set).await.map_err(|e| match e {
         ApiError::NotFound { .. } => ApiError::invalid("prompt_set", format!("prompt set {} does not exist", req.prompt_set)),

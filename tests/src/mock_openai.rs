@@ -1,6 +1,9 @@
 //! A mock OpenAI-compatible server (`/v1/chat/completions`, `/v1/completions`, `/v1/models`)
 //! with scripted faults: 429 + Retry-After, 500, hang, connection reset, malformed JSON, slow.
 //! Its answer to a prompt is deterministic (`echo: <last user text>`), like greedy decoding.
+//! With `logprobs` it behaves like vLLM: one token per word, ids when asked for
+//! (`return_tokens_as_token_ids`), at most 20 alternatives, natural logs (or base 10, like
+//! mistral.rs, when told to); see [`mock_logprobs`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +47,8 @@ pub struct MockState {
     received: Mutex<Vec<(Instant, Value)>>,
     total: AtomicU64,
     record_bodies: std::sync::atomic::AtomicBool,
+    /// Report log-probabilities in base 10 (mistral.rs's server does).
+    pub base10: std::sync::atomic::AtomicBool,
 }
 
 /// A running mock teacher.
@@ -183,11 +188,25 @@ async fn handle(state: Arc<MockState>, headers: HeaderMap, body: Value, chat: bo
     let prompt_tokens = prompt.split_whitespace().count() as i64 + 1;
     let completion_tokens = text.split_whitespace().count() as i64;
     let model = body["model"].as_str().unwrap_or("mock-model");
-    let choice = if chat {
+    let k = if chat {
+        body["logprobs"].as_bool().unwrap_or(false).then(|| body["top_logprobs"].as_u64().unwrap_or(0))
+    } else {
+        body["logprobs"].as_u64()
+    };
+    if k.is_some_and(|k| k > 20) {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "top_logprobs must be <= 20 (see --max-logprobs)"}})))
+            .into_response();
+    }
+    let ids = body["return_tokens_as_token_ids"].as_bool().unwrap_or(false);
+    let base10 = state.base10.load(Ordering::Relaxed);
+    let mut choice = if chat {
         json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
     } else {
         json!({"index": 0, "text": text, "finish_reason": "stop"})
     };
+    if let Some(k) = k {
+        choice["logprobs"] = mock_logprobs(&text, k as usize, ids, base10, chat);
+    }
     Json(json!({
         "id": "cmpl-mock",
         "object": if chat { "chat.completion" } else { "text_completion" },
@@ -198,6 +217,51 @@ async fn handle(state: Arc<MockState>, headers: HeaderMap, body: Value, chat: bo
                    "total_tokens": prompt_tokens + completion_tokens}
     }))
     .into_response()
+}
+
+/// The mock's id of a word: stable, in 10..1010.
+pub fn mock_token_id(word: &str) -> u32 {
+    10 + word.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 1000
+}
+
+/// The mock's natural log-probabilities at every token: the emitted token −0.5, then
+/// alternatives (ids 2000 + position·50 + j) at −2, −3, ... (their mass stays below 1).
+pub fn mock_natural_logprobs(k: usize) -> Vec<f64> {
+    std::iter::once(-0.5).chain((1..k).map(|j| -1.0 - j as f64)).collect()
+}
+
+/// `logprobs` of a response in OpenAI's layout (chat or completions) for the words of `text`.
+fn mock_logprobs(text: &str, k: usize, ids: bool, base10: bool, chat: bool) -> Value {
+    let scale = if base10 { std::f64::consts::LN_10 } else { 1.0 };
+    let lps: Vec<f64> = mock_natural_logprobs(k.max(1)).into_iter().map(|v| v / scale).collect();
+    let name = |id: u32, word: &str| if ids { format!("token_id:{id}") } else { word.to_string() };
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let per_token: Vec<(String, f64, Vec<(String, f64)>)> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let chosen = name(mock_token_id(w), w);
+            let mut top = vec![(chosen.clone(), lps[0])];
+            for j in 1..k {
+                let id = 2000 + i as u32 * 50 + j as u32;
+                top.push((name(id, &format!("alt{id}")), lps[j]));
+            }
+            (chosen, lps[0], top)
+        })
+        .collect();
+    if chat {
+        json!({"content": per_token.iter().map(|(t, lp, top)| json!({
+            "token": t, "logprob": lp,
+            "top_logprobs": top.iter().map(|(a, b)| json!({"token": a, "logprob": b})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()})
+    } else {
+        json!({
+            "tokens": per_token.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
+            "token_logprobs": per_token.iter().map(|p| p.1).collect::<Vec<_>>(),
+            "top_logprobs": per_token.iter().map(|p| p.2.iter().map(|(a, b)| (a.clone(), json!(b))).collect::<serde_json::Map<String, Value>>())
+                .collect::<Vec<_>>(),
+        })
+    }
 }
 
 async fn chat(State(s): State<Arc<MockState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {

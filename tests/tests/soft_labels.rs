@@ -258,3 +258,64 @@ async fn a_version_2_database_upgrades_in_place() {
         sqlx::query_as("SELECT text, soft_labels FROM completions").fetch_one(&db.reader).await.unwrap();
     assert_eq!((text.as_str(), soft), ("an answer", None));
 }
+
+/// An OpenAI-compatible teacher that returns ids (vLLM's `return_tokens_as_token_ids`; here
+/// the mock, which behaves like vLLM): the ids and values are stored as the server gave them,
+/// in natural log; a k above the server's cap is refused at submission with its reason; a
+/// base-10 server is detected by the probe and refused until `--logprob-base NAME=10`, then
+/// normalised.
+#[tokio::test]
+async fn openai_teacher_soft_labels_ids_cap_and_base() {
+    use distill_tests::mock_openai::{mock_natural_logprobs, mock_token_id, MockOpenAi};
+    let mock = MockOpenAi::start().await;
+    mock.record_bodies(true);
+    let t = TestApp::start_with(|s| {
+        distill_tests::harness::with_mock(s, &mock);
+        let mut ten = Settings::teacher_defaults("mock10", TeacherSpec::parse(&mock.spec()).unwrap());
+        ten.logprob_base = server::config::LogprobBase::Ten;
+        s.teachers.push(ten);
+    })
+    .await;
+    let prompts: Vec<String> = ["one two", "three"].iter().map(|s| s.to_string()).collect();
+    let set = t.prompt_set("p", &prompts).await;
+    let k = 5;
+    for endpoint in ["chat", "completions"] {
+        let job = t.job(json!({"prompt_set": set, "teacher": "mock", "logprobs": k, "endpoint": endpoint})).await;
+        t.wait_done(job, Duration::from_secs(30)).await;
+        let (_, page) = t.get(&format!("/v1/jobs/{job}/generations?soft_labels=true")).await;
+        for g in page["items"].as_array().unwrap() {
+            let words: Vec<&str> = g["text"].as_str().unwrap().split_whitespace().collect();
+            let ids: Vec<u32> = words.iter().map(|w| mock_token_id(w)).collect();
+            assert_eq!(u32s(&g["completion_token_ids"]), ids, "{g}");
+            let want: Vec<f32> = mock_natural_logprobs(k).iter().map(|v| half::f16::from_f64(*v).to_f32()).collect();
+            for (i, lps) in g["soft_labels"]["target_logprobs"].as_array().unwrap().iter().enumerate() {
+                assert_eq!(f32s(lps), want, "position {i}: {g}");
+                assert_eq!(u32s(&g["soft_labels"]["target_token_ids"][i])[0], ids[i]);
+            }
+        }
+    }
+    let asked: Vec<Value> = mock.received().into_iter().map(|(_, b)| b).collect();
+    assert!(asked.iter().any(|b| b["return_tokens_as_token_ids"] == true && b["top_logprobs"] == k));
+    assert!(asked.iter().all(|b| b["temperature"] == 0.0));
+
+    // Above the server's cap: refused with the server's reason, nothing queued.
+    let (st, v) = t.post_json("/v1/jobs", json!({"prompt_set": set, "teacher": "mock", "logprobs": 25})).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["field"], "logprobs");
+    assert!(v["error"]["message"].as_str().unwrap().contains("top_logprobs must be <= 20"), "{v}");
+
+    // A base-10 server read as natural logs: refused, naming the flag; then normalised.
+    mock.state.base10.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (st, v) = t.post_json("/v1/jobs", json!({"prompt_set": set, "teacher": "mock", "logprobs": k})).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--logprob-base mock=10"), "{v}");
+    let job = t.job(json!({"prompt_set": set, "teacher": "mock10", "logprobs": k})).await;
+    t.wait_done(job, Duration::from_secs(30)).await;
+    let (_, page) = t.get(&format!("/v1/jobs/{job}/generations?soft_labels=true")).await;
+    let g = &page["items"][0];
+    let got = f32s(&g["soft_labels"]["target_logprobs"][0]);
+    for (a, b) in got.iter().zip(mock_natural_logprobs(k)) {
+        assert!((*a as f64 - b).abs() <= 2e-3 * b.abs(), "{got:?}");
+    }
+    t.shutdown().await;
+}

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::{GenerateOutput, GenerateRequest, Teacher, TeacherError};
 use crate::config::{LocalEngine, Precision, TeacherSettings};
-use crate::domain::job::JobMode;
+use crate::domain::job::{JobMode, JobParams};
 use crate::domain::render::RenderedRequest;
 use crate::engine::llama::Llama;
 use crate::engine::scheduler::{Generated, Job, Scheduler};
@@ -347,9 +347,9 @@ impl Teacher for LocalTeacher {
     }
 
     /// Any k, read from the logits; rescoring on the native engine.
-    async fn supports(&self, _k: u32, mode: JobMode) -> Result<(), String> {
+    async fn supports(&self, params: &JobParams) -> Result<(), String> {
         let l = self.loaded.as_ref().map_err(Clone::clone)?;
-        if mode == JobMode::Rescore && !l.engine.can_score() {
+        if params.mode == JobMode::Rescore && !l.engine.can_score() {
             return Err(format!(
                 "teacher `{}` runs on the mistralrs engine, which cannot score given answers; rescore jobs need the native engine",
                 self.name

@@ -4,6 +4,8 @@
 pub mod local;
 pub mod openai;
 pub mod retry;
+pub mod server_logprobs;
+pub mod token_map;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::config::{TeacherSettings, TeacherSpec};
-use crate::domain::job::JobMode;
+use crate::domain::job::JobParams;
 use crate::domain::render::RenderedRequest;
 use crate::soft_labels::Position;
 
@@ -74,11 +76,12 @@ pub trait Teacher: Send + Sync {
     async fn generate(&self, req: &GenerateRequest) -> Result<GenerateOutput, TeacherError>;
     /// Whether the teacher answers at all.
     async fn health(&self) -> Result<(), String>;
-    /// Whether the teacher can record `k` soft-label pairs per answer token in `mode`; the
-    /// reason if not. Asked once when a job is submitted (an OpenAI-compatible teacher probes
-    /// its server), so a job it cannot serve is refused instead of failing item by item.
-    async fn supports(&self, k: u32, mode: JobMode) -> Result<(), String> {
-        let _ = (k, mode);
+    /// Whether the teacher can record the job's `logprobs` soft-label pairs per answer token
+    /// in its `mode`; the reason if not. Asked once when a job is submitted (an
+    /// OpenAI-compatible teacher probes its server), so a job it cannot serve is refused
+    /// instead of failing item by item.
+    async fn supports(&self, params: &JobParams) -> Result<(), String> {
+        let _ = params;
         Err(format!("teacher `{}` cannot record soft labels", self.name()))
     }
     /// Why the teacher cannot work at all (e.g. its model failed to load); jobs are refused.

@@ -13,8 +13,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::retry::{backoff, parse_retry_after, CoolDown};
+use super::server_logprobs::{self, ServerToken};
+use super::token_map::{parse_token_id, TokenMap};
 use super::{GenerateOutput, GenerateRequest, Teacher, TeacherError};
-use crate::config::{TeacherSettings, TeacherSpec};
+use crate::config::{LogprobBase, TeacherSettings, TeacherSpec};
+use crate::domain::job::{Endpoint, JobMode, JobParams};
+use crate::domain::prompt_set::Message;
 use crate::domain::render::RenderedRequest;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -35,6 +39,13 @@ pub struct OpenAiTeacher {
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<(DefaultDirectRateLimiter, u32)>,
     cool_down: CoolDown,
+    /// Maps returned token texts to ids (servers that do not return ids).
+    token_map: Option<std::sync::Arc<TokenMap>>,
+    logprob_base: LogprobBase,
+    extra_body: serde_json::Map<String, serde_json::Value>,
+    /// Whether the server accepts `return_tokens_as_token_ids` (found by the logprobs probe).
+    ids_field: std::sync::Mutex<Option<bool>>,
+    probe_lock: tokio::sync::Mutex<()>,
 }
 
 impl OpenAiTeacher {
@@ -55,7 +66,13 @@ impl OpenAiTeacher {
         };
         Ok(OpenAiTeacher {
             name: s.name.clone(),
-            identity: s.spec.identity(),
+            // Extra request fields change answers: they are part of the cache identity.
+            identity: if s.extra_body.is_empty() {
+                s.spec.identity()
+            } else {
+                format!("{}+{}", s.spec.identity(), serde_json::Value::Object(s.extra_body.clone()))
+            },
+            extra_body: s.extra_body.clone(),
             base_url: base_url.clone(),
             model: model.clone(),
             api_key: s.api_key.clone(),
@@ -66,11 +83,28 @@ impl OpenAiTeacher {
             requests: s.requests_per_minute.map(|n| RateLimiter::direct(per_minute(n, 60))),
             tokens: s.tokens_per_minute.map(|n| (RateLimiter::direct(per_minute(n, 10)), (n / 10).max(1))),
             cool_down: CoolDown::default(),
+            token_map: match &s.tokenizer {
+                Some(path) => Some(std::sync::Arc::new(TokenMap::load(path).map_err(|e| {
+                    anyhow::anyhow!("teacher `{}`: cannot load --teacher-tokenizer {}: {e:#}", s.name, path.display())
+                })?)),
+                None => None,
+            },
+            logprob_base: s.logprob_base,
+            ids_field: std::sync::Mutex::new(None),
+            probe_lock: tokio::sync::Mutex::new(()),
         })
     }
 
     fn body(&self, req: &GenerateRequest) -> (String, serde_json::Value) {
-        let mut body = json!({
+        let ids = self.ids_field.lock().expect("ids lock").unwrap_or(false);
+        self.body_with(req, ids)
+    }
+
+    /// The request body; with `top_k` > 0 it asks for log-probabilities, and with `ids` for
+    /// token ids instead of texts (vLLM's `return_tokens_as_token_ids`).
+    fn body_with(&self, req: &GenerateRequest, ids: bool) -> (String, serde_json::Value) {
+        let mut body = serde_json::Value::Object(self.extra_body.clone());
+        let own = json!({
             "model": self.model,
             "temperature": 0.0,
             "top_p": 1.0,
@@ -80,16 +114,29 @@ impl OpenAiTeacher {
             "stop": req.stop,
             "stream": false,
         });
+        for (k, v) in own.as_object().expect("an object") {
+            body[k] = v.clone();
+        }
         let path = match &req.request {
             RenderedRequest::Chat(messages) => {
                 body["messages"] = json!(messages);
+                if req.top_k > 0 {
+                    body["logprobs"] = json!(true);
+                    body["top_logprobs"] = json!(req.top_k);
+                }
                 "chat/completions"
             }
             RenderedRequest::Text(prompt) => {
                 body["prompt"] = json!(prompt);
+                if req.top_k > 0 {
+                    body["logprobs"] = json!(req.top_k);
+                }
                 "completions"
             }
         };
+        if req.top_k > 0 && ids {
+            body["return_tokens_as_token_ids"] = json!(true);
+        }
         (format!("{}/{path}", self.base_url), body)
     }
 
@@ -136,9 +183,9 @@ impl OpenAiTeacher {
             return Attempt::Fatal(format!("HTTP {}: {}", status.as_u16(), excerpt(&bytes)));
         }
         match parse_response(&bytes, chat) {
-            Ok(mut out) => {
+            Ok((mut out, logprobs)) => {
                 out.latency = latency;
-                Attempt::Done(out)
+                Attempt::Done(out, logprobs)
             }
             // A truncated or garbled body from a proxy or an overloaded server: try again.
             Err(e) => Attempt::Retry { message: format!("malformed response: {e}"), retry_after: None },
@@ -147,7 +194,8 @@ impl OpenAiTeacher {
 }
 
 enum Attempt {
-    Done(GenerateOutput),
+    /// The answer, and its choice's `logprobs` when the response had them.
+    Done(GenerateOutput, Option<serde_json::Value>),
     Retry { message: String, retry_after: Option<Duration> },
     Fatal(String),
 }
@@ -192,6 +240,7 @@ struct Choice {
     message: Option<ChatMessage>,
     text: Option<String>,
     finish_reason: Option<String>,
+    logprobs: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -202,15 +251,16 @@ struct Response {
     usage: Option<Usage>,
 }
 
-fn parse_response(bytes: &[u8], chat: bool) -> Result<GenerateOutput, String> {
+fn parse_response(bytes: &[u8], chat: bool) -> Result<(GenerateOutput, Option<serde_json::Value>), String> {
     let r: Response = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let choice = r.choices.into_iter().next().ok_or("no choices in response")?;
+    let logprobs = choice.logprobs.filter(|v| !v.is_null());
     let text = if chat {
         choice.message.ok_or("choice has no message")?.content.unwrap_or_default()
     } else {
         choice.text.ok_or("choice has no text")?
     };
-    Ok(GenerateOutput {
+    let out = GenerateOutput {
         text,
         finish_reason: choice.finish_reason,
         prompt_tokens: r.usage.as_ref().and_then(|u| u.prompt_tokens),
@@ -222,7 +272,8 @@ fn parse_response(bytes: &[u8], chat: bool) -> Result<GenerateOutput, String> {
         prompt_token_ids: None,
         completion_token_ids: None,
         soft_labels: None,
-    })
+    };
+    Ok((out, logprobs))
 }
 
 #[async_trait]
@@ -240,6 +291,14 @@ impl Teacher for OpenAiTeacher {
     }
 
     async fn generate(&self, req: &GenerateRequest) -> Result<GenerateOutput, TeacherError> {
+        if req.answer.is_some() {
+            return Err(TeacherError::Fatal { message: RESCORE_UNSUPPORTED.into(), attempts: 0 });
+        }
+        if req.top_k > 0 && self.ids_field.lock().expect("ids lock").is_none() {
+            // A job submitted before this process started: probe once, as its submission did.
+            let endpoint = if matches!(req.request, RenderedRequest::Chat(_)) { Endpoint::Chat } else { Endpoint::Completions };
+            self.probe(req.top_k, endpoint).await.map_err(|message| TeacherError::Fatal { message, attempts: 1 })?;
+        }
         let (url, body) = self.body(req);
         let chat = matches!(req.request, RenderedRequest::Chat(_));
         let mut attempts = 0;
@@ -247,8 +306,12 @@ impl Teacher for OpenAiTeacher {
             self.wait_for_limits(req).await;
             attempts += 1;
             match self.send_once(&url, &body, chat).await {
-                Attempt::Done(mut out) => {
+                Attempt::Done(mut out, logprobs) => {
                     out.http_attempts = attempts;
+                    if req.top_k > 0 {
+                        self.attach_soft_labels(&mut out, logprobs, req, chat)
+                            .map_err(|message| TeacherError::Fatal { message, attempts })?;
+                    }
                     return Ok(out);
                 }
                 Attempt::Fatal(message) => return Err(TeacherError::Fatal { message, attempts }),
@@ -265,6 +328,13 @@ impl Teacher for OpenAiTeacher {
         }
     }
 
+    async fn supports(&self, params: &JobParams) -> Result<(), String> {
+        if params.mode == JobMode::Rescore {
+            return Err(RESCORE_UNSUPPORTED.into());
+        }
+        self.probe(params.logprobs, params.endpoint).await
+    }
+
     async fn health(&self) -> Result<(), String> {
         let mut rb = self.client.get(format!("{}/models", self.base_url)).timeout(Duration::from_secs(5));
         if let Some(key) = &self.api_key {
@@ -278,9 +348,118 @@ impl Teacher for OpenAiTeacher {
     }
 }
 
+const RESCORE_UNSUPPORTED: &str = "rescore jobs teacher-force given answers, which OpenAI-compatible servers offer \
+     only through non-standard options; run them on a local teacher (--teacher NAME=local:PATH)";
+
 impl OpenAiTeacher {
     fn label(&self) -> crate::metrics::TeacherLabel {
         crate::metrics::TeacherLabel { teacher: self.name.clone() }
+    }
+
+    /// Asks the server for a short answer with `k` log-probabilities per token and checks what
+    /// comes back: that it honours k, gives ids (or texts the teacher's tokenizer maps), and
+    /// that its values are natural logs (or the configured base). Remembers whether the server
+    /// takes `return_tokens_as_token_ids`.
+    async fn probe(&self, k: u32, endpoint: Endpoint) -> Result<(), String> {
+        let _one_at_a_time = self.probe_lock.lock().await;
+        let request = match endpoint {
+            Endpoint::Chat => RenderedRequest::Chat(vec![Message { role: "user".into(), content: "Name a colour.".into() }]),
+            Endpoint::Completions => RenderedRequest::Text("The colour of the sky is".into()),
+        };
+        let req = GenerateRequest { request, max_new_tokens: 2, stop: vec![], seed: 0, top_k: k, answer: None };
+        let chat = endpoint == Endpoint::Chat;
+        let mut refused = String::new();
+        for ids in [true, false] {
+            let (url, body) = self.body_with(&req, ids);
+            let logprobs = match self.send_once(&url, &body, chat).await {
+                Attempt::Done(_, logprobs) => logprobs,
+                // Some servers refuse fields they do not know: try once without the ids field.
+                Attempt::Fatal(msg) => {
+                    refused = msg;
+                    continue;
+                }
+                Attempt::Retry { message, .. } => {
+                    return Err(format!("teacher `{}` did not answer the logprobs probe: {message}", self.name))
+                }
+            };
+            let logprobs = logprobs.ok_or_else(|| {
+                format!("teacher `{}` returned no log-probabilities: its server does not support logprobs", self.name)
+            })?;
+            let tokens = server_logprobs::parse(&logprobs, chat)
+                .map_err(|e| format!("teacher `{}` returned log-probabilities this server cannot read: {e}", self.name))?;
+            self.check_probe(&tokens, k)?;
+            *self.ids_field.lock().expect("ids lock") = Some(ids);
+            return Ok(());
+        }
+        Err(format!("teacher `{}` refused a request for logprobs = {k}: {refused}", self.name))
+    }
+
+    fn check_probe(&self, tokens: &[ServerToken], k: u32) -> Result<(), String> {
+        let first = tokens.first().ok_or_else(|| format!("teacher `{}` returned no tokens to the logprobs probe", self.name))?;
+        let mut distinct: Vec<&str> = first.top.iter().map(|t| t.0.as_str()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() < k as usize {
+            return Err(format!(
+                "teacher `{}` was asked for the top {k} log-probabilities and returned {} (vLLM allows at most 20 unless \
+                 started with --max-logprobs); lower the job's logprobs or raise the server's limit",
+                self.name,
+                distinct.len()
+            ));
+        }
+        if parse_token_id(&first.token).is_none() && self.token_map.is_none() {
+            return Err(format!(
+                "teacher `{}` returns token texts, not ids; give its tokenizer with --teacher-tokenizer {}=PATH \
+                 (GGUF, tokenizer.json or a folder) so that they can be mapped and checked",
+                self.name, self.name
+            ));
+        }
+        let f = self.logprob_base.to_natural();
+        let mass: f64 = first.top.iter().map(|t| (t.1 * f).exp()).sum();
+        if mass > 1.0 + 1e-3 {
+            return Err(format!(
+                "teacher `{}`: the top-{k} probabilities sum to {mass:.3} > 1 read as {}; its server reports another \
+                 base (mistral.rs uses base 10): set --logprob-base {}=10",
+                self.name,
+                if self.logprob_base == LogprobBase::E { "natural logs" } else { "base-10 logs" },
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Turns a response's logprobs into the answer's ids and soft labels, checking that the ids
+    /// spell the answer when a tokenizer can tell.
+    fn attach_soft_labels(
+        &self,
+        out: &mut GenerateOutput,
+        logprobs: Option<serde_json::Value>,
+        req: &GenerateRequest,
+        chat: bool,
+    ) -> Result<(), String> {
+        let logprobs = logprobs.ok_or("the server returned no log-probabilities for this answer")?;
+        let tokens = server_logprobs::parse(&logprobs, chat)?;
+        let (ids, positions, dropped) =
+            server_logprobs::to_soft_labels(&tokens, req.top_k as usize, self.logprob_base, self.token_map.as_deref())?;
+        if dropped > 0 {
+            tracing::debug!(teacher = %self.name, dropped, "left out alternatives whose ids the tokenizer cannot vouch for");
+        }
+        if let Some(map) = &self.token_map {
+            let spelled = map.decode(&ids);
+            let (a, b) = (spelled.trim_start(), out.text.trim_start());
+            let ok = a == b || (!req.stop.is_empty() && a.starts_with(b));
+            if !ok {
+                return Err(format!(
+                    "the answer's token ids, mapped through the teacher's tokenizer, spell {:?}, not the answer {:?}; \
+                     is --teacher-tokenizer the server's model?",
+                    excerpt(spelled.as_bytes()),
+                    excerpt(out.text.as_bytes())
+                ));
+            }
+        }
+        out.completion_token_ids = Some(ids);
+        out.soft_labels = Some(positions);
+        Ok(())
     }
 }
 
@@ -291,11 +470,11 @@ mod tests {
     #[test]
     fn parses_chat_and_completion_bodies() {
         let chat = br#"{"id":"x","model":"m","system_fingerprint":"fp","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-        let out = parse_response(chat, true).unwrap();
+        let (out, _) = parse_response(chat, true).unwrap();
         assert_eq!((out.text.as_str(), out.finish_reason.as_deref(), out.prompt_tokens), ("hi", Some("stop"), Some(3)));
         assert_eq!(out.system_fingerprint.as_deref(), Some("fp"));
         let comp = br#"{"model":"m","choices":[{"text":" 4","finish_reason":"length"}]}"#;
-        assert_eq!(parse_response(comp, false).unwrap().text, " 4");
+        assert_eq!(parse_response(comp, false).unwrap().0.text, " 4");
         assert!(parse_response(b"{not json", true).is_err());
         assert!(parse_response(br#"{"choices":[]}"#, true).is_err());
     }
