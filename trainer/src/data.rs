@@ -212,13 +212,27 @@ impl Encoder<'_> {
         let mut out = Vec::with_capacity(records.len());
         for r in records {
             let rendered = self.render_prompt(r)?;
+            // Whether the answer ids are the teacher's own (the ones its soft labels sit on).
+            let mut teacher_answer = false;
             let (prompt, answer) = match (&r.prompt_token_ids, &r.completion_token_ids) {
                 (Some(p), Some(a)) if self.use_teacher_ids => {
                     if *p != rendered {
                         stats.prompt_mismatch += 1;
                     }
                     stats.from_teacher_ids += 1;
+                    teacher_answer = true;
                     (p.clone(), a.clone())
+                }
+                // An OpenAI-compatible teacher reports answer ids only (with soft labels): KD
+                // keeps them, as long as the student's tokenizer spells them as the answer.
+                (None, Some(a)) if self.soft_labels && self.spells(a, &r.text) => {
+                    stats.rendered += 1;
+                    teacher_answer = true;
+                    let mut a = a.clone();
+                    if r.finish_reason.as_deref() == Some("stop") && a.last().is_none_or(|l| !self.tokenizer.special.stop.contains(l)) {
+                        a.push(self.tokenizer.special.eos);
+                    }
+                    (rendered, a)
                 }
                 _ => {
                     stats.rendered += 1;
@@ -238,7 +252,7 @@ impl Encoder<'_> {
             if let Some(bad) = prompt.iter().chain(&answer).find(|&&t| t >= vocab) {
                 bail!("generation {}: token id {bad} is outside the student's vocabulary ({vocab})", r.generation_id);
             }
-            let soft_labels = if self.soft_labels { Some(self.soft_labels_of(r, &answer)?) } else { None };
+            let soft_labels = if self.soft_labels { Some(self.soft_labels_of(r, &answer, teacher_answer)?) } else { None };
             out.push(Example { generation_id: r.generation_id, prompt, answer, split_hash: split_hash(&r.request), soft_labels });
         }
         Ok((out, stats))
@@ -246,9 +260,17 @@ impl Encoder<'_> {
 }
 
 impl Encoder<'_> {
+    /// Whether the student's tokenizer decodes the teacher's answer ids to the answer's text
+    /// (then both share the vocabulary, at least on this answer).
+    fn spells(&self, ids: &[u32], text: &str) -> bool {
+        let vocab = self.tokenizer.vocab_size as u32;
+        ids.iter().all(|&t| t < vocab) && self.tokenizer.decode(ids, false).is_ok_and(|d| d.trim_start().starts_with(text.trim_start()))
+    }
+
     /// A record's soft labels for KD, checked: they exist, they sit on the teacher's own answer
     /// ids (which the student shares), one per answer token, with ids inside the vocabulary.
-    fn soft_labels_of(&self, r: &Record, answer: &[u32]) -> anyhow::Result<Vec<Position>> {
+    /// An end-of-turn token a server did not report (appended here) gets no soft label.
+    fn soft_labels_of(&self, r: &Record, answer: &[u32], teacher_answer: bool) -> anyhow::Result<Vec<Position>> {
         let Some(blob) = &r.soft_labels else {
             bail!(
                 "--kd: generation {} (job {}) has no soft labels; its job ran without `logprobs`. \
@@ -257,7 +279,7 @@ impl Encoder<'_> {
                 r.job_id
             )
         };
-        if !self.use_teacher_ids || r.completion_token_ids.is_none() {
+        if !teacher_answer {
             bail!(
                 "--kd: the soft labels of generation {} are over the teacher's vocabulary, and the student's tokenizer \
                  does not reproduce the teacher's token ids; KD needs a student with the teacher's vocabulary \
@@ -265,8 +287,12 @@ impl Encoder<'_> {
                 r.generation_id
             );
         }
-        let positions = server::soft_labels::decode(blob)
+        let mut positions = server::soft_labels::decode(blob)
             .with_context(|| format!("generation {}: stored soft labels do not decode", r.generation_id))?;
+        if positions.len() + 1 == answer.len() && r.completion_token_ids.as_ref().is_some_and(|a| a.len() == positions.len()) {
+            let k = positions.first().map_or(0, |p| p.top.len());
+            positions.push(Position { chosen_logprob: f32::NEG_INFINITY, top: vec![(0, f32::NEG_INFINITY); k] });
+        }
         if positions.len() != answer.len() {
             bail!(
                 "generation {}: {} soft-label positions for {} answer tokens; the database is inconsistent",

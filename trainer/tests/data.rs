@@ -115,3 +115,46 @@ fn a_save_killed_before_its_rename_leaves_the_previous_checkpoint() {
     assert_eq!((s.step, t["model.w"].to_vec1::<f32>().unwrap()), (2, vec![5.0, 6.0]));
     assert!(!tmp.exists());
 }
+
+/// KD on answers from an OpenAI-compatible teacher: the server reported answer ids and soft
+/// labels but no prompt ids and no end-of-turn token. The student (same tokenizer) keeps the
+/// teacher's answer ids, renders the prompt itself, appends the end-of-turn token with no soft
+/// label; answer ids its tokenizer does not spell as the answer are refused for KD.
+#[test]
+fn kd_on_an_openai_teachers_answers_keeps_its_ids_and_adds_an_unlabelled_end_of_turn() {
+    use server::model::chat_template::ChatTemplate;
+    use trainer::data::{Encoder, Record};
+    let gguf = distill_tests::harness::smollm2_gguf();
+    let tok = trainer::init::tokenizer_from(&gguf).unwrap();
+    let t = &tok.tokenizer;
+    let template = ChatTemplate::new(tok.template.as_deref().unwrap(), &t.token_text(t.special.bos), &t.token_text(Some(t.special.eos))).unwrap();
+    let text = "The capital of France is Paris.";
+    let ids = t.encode(text, false).unwrap();
+    let soft: Vec<Position> = ids.iter().map(|&id| Position { chosen_logprob: -0.25, top: vec![(id, -0.25), (7, -2.0)] }).collect();
+    let record = |completion: Vec<u32>| Record {
+        generation_id: 1,
+        job_id: 1,
+        endpoint: "chat".into(),
+        request: r#"[{"role":"user","content":"Capital of France?"}]"#.into(),
+        text: text.into(),
+        finish_reason: Some("stop".into()),
+        prompt_token_ids: None,
+        completion_token_ids: Some(completion),
+        teacher_identity: "openai:http://h/v1#m".into(),
+        soft_labels: Some(server::soft_labels::encode(&soft).unwrap()),
+    };
+    let enc = Encoder { tokenizer: t, template: &template, use_teacher_ids: true, soft_labels: true };
+    let (ex, _) = enc.encode(&[record(ids.clone())]).unwrap();
+    let e = &ex[0];
+    assert_eq!(&e.answer[..ids.len()], &ids[..]);
+    assert_eq!(e.answer.last(), Some(&t.special.eos));
+    let labels = e.soft_labels.as_ref().unwrap();
+    assert_eq!(labels.len(), e.answer.len());
+    assert_eq!(labels[0].top[0], (ids[0], -0.25));
+    assert!(labels.last().unwrap().top.iter().all(|p| p.1 == f32::NEG_INFINITY), "the end-of-turn token has no soft label");
+    assert_eq!(e.prompt, enc.render_prompt(&record(ids.clone())).unwrap());
+    // Ids that do not spell the answer (another vocabulary): no KD.
+    let other: Vec<u32> = ids.iter().map(|i| i + 1).collect();
+    let err = enc.encode(&[record(other)]).unwrap_err().to_string();
+    assert!(err.contains("does not reproduce the teacher's token ids"), "{err}");
+}
