@@ -82,10 +82,22 @@ fn committed_openapi_json_is_current() {
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
-        committed == fresh,
+        committed.trim_end() == fresh.trim_end(),
         "openapi.json is stale: regenerate it with `cargo run -p server -- --print-openapi > openapi.json` \
          (or UPDATE_OPENAPI=1 cargo test -p distill-tests --test examples)"
     );
+}
+
+/// The committed 320-prompt set is what its generator writes.
+#[test]
+fn short_instructions_are_what_their_generator_writes() {
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("prompts/make_short_instructions.py"))
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let committed = std::fs::read(repo().join("prompts/short-instructions.jsonl")).unwrap();
+    assert!(out.stdout == committed, "prompts/short-instructions.jsonl is stale: regenerate it with the script");
 }
 
 #[tokio::test]
@@ -93,7 +105,7 @@ async fn example_prompt_sets_and_templates_work() {
     let mock = MockOpenAi::start().await;
     let t = TestApp::start(&mock).await;
     let mut ids = Vec::new();
-    for file in ["math-word-problems.jsonl", "general-knowledge.jsonl"] {
+    for file in ["math-word-problems.jsonl", "general-knowledge.jsonl", "short-instructions.jsonl"] {
         let body = std::fs::read(repo().join("prompts").join(file)).unwrap();
         let lines = body.iter().filter(|b| **b == b'\n').count() as i64;
         let (st, v) = t.post_raw(&format!("/v1/prompt-sets?name={file}"), "application/x-ndjson", body).await;

@@ -58,6 +58,49 @@ async fn mistralrs_answers_greedily_with_our_token_ids() {
         assert_eq!(g["finish_reason"], "stop", "{g}");
         assert!(!g["text"].as_str().unwrap().contains(' '), "{g}");
     }
+    // Soft labels, read from the raw logits in our logits processor (mistralrs's own logprobs
+    // are base 10 and −∞ for greedy alternatives), against our engine's log-softmax over the
+    // same ids (mistralrs's arithmetic differs from ours, like llama.cpp's, by rounding).
+    let job = t.job(json!({"prompt_set": set, "teacher": "mrs", "max_new_tokens": 16, "logprobs": 10})).await;
+    t.wait_done(job, Duration::from_secs(600)).await;
+    let model = server::engine::llama::Llama::load(&smollm2_gguf(), server::config::Precision::F32).unwrap();
+    let v = model.cfg.vocab;
+    let (_, page) = t.get(&format!("/v1/jobs/{job}/generations?soft_labels=true")).await;
+    let (mut sum, mut n, mut worst) = (0f64, 0usize, 0f64);
+    for g in page["items"].as_array().unwrap() {
+        let (prompt, answer) = (ids(&g["prompt_token_ids"]), ids(&g["completion_token_ids"]));
+        let s = &g["soft_labels"];
+        assert_eq!(s["target_token_ids"].as_array().unwrap().len(), answer.len(), "{g}");
+        let full: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+        let mut cache = server::engine::llama::KvCache::new(&model.cfg);
+        let all = model
+            .forward(&mut [server::engine::llama::Chunk { cache: &mut cache, tokens: &full, all_logits: true }])
+            .unwrap()
+            .remove(0);
+        for (i, &id) in answer.iter().enumerate() {
+            let top = ids(&s["target_token_ids"][i]);
+            let lps: Vec<f64> = s["target_logprobs"][i].as_array().unwrap().iter().map(|x| x.as_f64().unwrap_or(f64::NEG_INFINITY)).collect();
+            assert_eq!(top[0], id, "greedy: the emitted token is the most likely ({g})");
+            assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-3);
+            let row = &all[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
+            let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+            for (tid, lp) in top.iter().zip(&lps) {
+                let d = (lp - (row[*tid as usize] as f64 - lse)).abs();
+                sum += d;
+                worst = worst.max(d);
+                n += 1;
+            }
+        }
+    }
+    eprintln!("mistralrs soft labels vs our f32 engine: mean |Δ| {:.2e}, worst {worst:.2e} over {n} pairs", sum / n as f64);
+    assert!(n > 0 && sum / (n as f64) < 0.15 && worst < 1.0, "mean {} worst {worst}", sum / n as f64);
+    // Re-scoring needs the native engine: refused at submission.
+    let (_, v) = t
+        .post_json("/v1/prompt-sets", json!({"name": "a", "prompts": [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]}))
+        .await;
+    let (st, v) = t.post_json("/v1/jobs", json!({"prompt_set": v["id"], "teacher": "mrs", "mode": "rescore", "logprobs": 4})).await;
+    assert_eq!(st, reqwest::StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("native engine"), "{v}");
     t.shutdown().await;
 }
 
