@@ -141,8 +141,9 @@ async fn real_llama_cpp_server_answers_greedily_and_everything_is_recorded() {
 /// Soft labels from a real OpenAI-compatible server that returns token texts (llama.cpp):
 /// mapped to ids through the teacher's tokenizer, checked to spell the answer, and equal to
 /// the log-softmax our own engine computes over the same prompt and answer ids (llama.cpp's
-/// arithmetic and ours differ by rounding only). A teacher without a tokenizer is refused at
-/// submission, naming the flag that fixes it.
+/// arithmetic and ours differ by rounding only); given answers re-scored through the server's
+/// echo agree the same way. A teacher without a tokenizer is refused at submission, naming the
+/// flag that fixes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_llama_cpp_server_soft_labels_are_mapped_verified_and_exact() {
     use server::engine::llama::{Chunk, KvCache, Llama};
@@ -238,8 +239,52 @@ async fn real_llama_cpp_server_soft_labels_are_mapped_verified_and_exact() {
     assert_eq!(st, reqwest::StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["field"], "logprobs", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("--teacher-tokenizer llama-texts=PATH"), "{body}");
-    // Rescoring is for local teachers.
-    let (st, body) = t.post_json("/v1/jobs", json!({"prompt_set": set, "teacher": "llama", "logprobs": 4, "mode": "rescore"})).await;
+
+    // Re-scoring given answers on the server: `echo` + `logprobs` over the conversation the
+    // GGUF's template renders. llama-cpp-python leaves every BOS-id token (SmolLM2's is
+    // `<|im_start|>`) out of its echo; the values must still land on the right tokens: they
+    // agree with our engine over the same ids as above (a token off would be nats off).
+    let (_, page) = t.get(&format!("/v1/jobs/{chat}/generations")).await;
+    let convs: Vec<Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| !g["text"].as_str().unwrap().is_empty())
+        .map(|g| json!({"messages": [{"role": "user", "content": g["prompt"]}, {"role": "assistant", "content": g["text"]}]}))
+        .collect();
+    let (_, created) = t.post_json("/v1/prompt-sets", json!({"name": "answers", "prompts": convs})).await;
+    let answers = created["id"].as_i64().unwrap();
+    let rescore = t.job(json!({"prompt_set": answers, "teacher": "llama", "mode": "rescore", "logprobs": k})).await;
+    let done = t.wait_done(rescore, Duration::from_secs(300)).await;
+    let errors: Vec<Value> = t.all_generations(rescore, Some("failed")).await.iter().map(|g| g["last_error"].clone()).collect();
+    assert_eq!(done["counts"]["done"], convs.len() as u64, "{done} {errors:?}");
+    let (_, page) = t.get(&format!("/v1/jobs/{rescore}/generations?soft_labels=true")).await;
+    let (mut worst, mut sum, mut n) = (0f64, 0f64, 0usize);
+    for g in page["items"].as_array().unwrap() {
+        let prompt: Vec<u32> = g["prompt_token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = g["completion_token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let mut want = tok.encode(g["text"].as_str().unwrap(), false).unwrap();
+        want.push(tok.special.eos);
+        assert_eq!(ids, want, "{g}");
+        let full: Vec<u32> = prompt.iter().chain(&ids).copied().collect();
+        let mut cache = KvCache::new(&model.cfg);
+        let all = model.forward(&mut [Chunk { cache: &mut cache, tokens: &full, all_logits: true }]).unwrap().remove(0);
+        let s = &g["soft_labels"];
+        for i in 0..ids.len() {
+            let row = &all[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
+            let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+            let chosen = s["token_logprobs"][i].as_f64().unwrap();
+            let d = (chosen - (row[ids[i] as usize] as f64 - lse)).abs();
+            worst = worst.max(d);
+            sum += d;
+            n += 1;
+        }
+    }
+    eprintln!("llama.cpp server re-scoring vs our engine: mean |Δ| {:.2e}, worst {worst:.2e} over {n} answer tokens", sum / n as f64);
+    assert!(n > 0 && sum / (n as f64) < 0.15 && worst < 0.6, "mean {} worst {worst}", sum / n as f64);
+    // Without the model's tokenizer and template there is nothing to render: refused.
+    let (st, body) = t.post_json("/v1/jobs", json!({"prompt_set": answers, "teacher": "llama-texts", "logprobs": 4, "mode": "rescore"})).await;
     assert_eq!(st, reqwest::StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--teacher-tokenizer"), "{body}");
     t.shutdown().await;
 }

@@ -74,17 +74,19 @@ fn id_of(token: &str, map: Option<&TokenMap>) -> Result<u32, String> {
     }
 }
 
-/// Soft labels of a greedy answer: its ids, and per token the chosen log-probability and the
+/// Soft labels of an answer: its ids, and per token the chosen log-probability and the
 /// top-`k` pairs (natural log, highest first). Alternatives whose id cannot be vouched for
 /// (no or several vocabulary entries decode to their text) are left out and the position is
 /// padded with (0, −∞): their mass counts as the rest outside the top-k. An answer token whose
 /// id cannot be vouched for, a missing or NaN value, or a chosen token that is not the most
-/// likely (the server did not decode greedily) is an error. Returns the number left out too.
+/// likely when `greedy` (the server did not decode greedily) is an error. Returns the number
+/// left out too.
 pub fn to_soft_labels(
     tokens: &[ServerToken],
     k: usize,
     base: LogprobBase,
     map: Option<&TokenMap>,
+    greedy: bool,
 ) -> Result<(Vec<u32>, Vec<Position>, usize), String> {
     let f = base.to_natural();
     let natural = |i: usize, v: f64| -> Result<f32, String> {
@@ -111,7 +113,7 @@ pub fn to_soft_labels(
         }
         top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         top.truncate(k);
-        if let Some(best) = top.first() {
+        if let Some(best) = top.first().filter(|_| greedy) {
             // Greedy decoding emits the most likely token (allowing the server's rounding).
             if chosen < best.1 - 1e-3 * best.1.abs().max(1.0) {
                 return Err(format!(
@@ -140,14 +142,14 @@ mod tests {
             {"token": "token_id:2", "logprob": -0.01, "top_logprobs": [{"token": "token_id:2", "logprob": -0.01}]},
         ]});
         let t = parse(&chat, true).unwrap();
-        let (ids, pos, dropped) = to_soft_labels(&t, 3, LogprobBase::E, None).unwrap();
+        let (ids, pos, dropped) = to_soft_labels(&t, 3, LogprobBase::E, None, true).unwrap();
         assert_eq!((ids, dropped), (vec![5, 2], 0));
         assert_eq!(pos[0].top, vec![(5, -0.1), (9, -2.5), (0, f32::NEG_INFINITY)]);
         assert_eq!(pos[1].chosen_logprob, -0.01);
         // Completions: an unordered map per position, and base 10 (mistral.rs).
         let comp = json!({"tokens": ["token_id:7"], "token_logprobs": [-0.5], "top_logprobs": [{"token_id:8": -1.0, "token_id:7": -0.5}]});
         let t = parse(&comp, false).unwrap();
-        let (_, pos, _) = to_soft_labels(&t, 2, LogprobBase::Ten, None).unwrap();
+        let (_, pos, _) = to_soft_labels(&t, 2, LogprobBase::Ten, None, true).unwrap();
         let ln10 = std::f32::consts::LN_10;
         assert_eq!(pos[0].top, vec![(7, -0.5 * ln10), (8, -1.0 * ln10)]);
     }
@@ -160,15 +162,15 @@ mod tests {
             top: top.into_iter().map(|(a, b)| (a.to_string(), b)).collect(),
         };
         // A text without a tokenizer.
-        assert!(to_soft_labels(&[t("Paris", Some(-0.1), vec![])], 2, LogprobBase::E, None).unwrap_err().contains("no --teacher-tokenizer"));
+        assert!(to_soft_labels(&[t("Paris", Some(-0.1), vec![])], 2, LogprobBase::E, None, true).unwrap_err().contains("no --teacher-tokenizer"));
         // No value.
-        assert!(to_soft_labels(&[t("token_id:1", None, vec![])], 2, LogprobBase::E, None).unwrap_err().contains("no log-probability"));
+        assert!(to_soft_labels(&[t("token_id:1", None, vec![])], 2, LogprobBase::E, None, true).unwrap_err().contains("no log-probability"));
         // Not greedy: another token was more likely than the one emitted.
-        let e = to_soft_labels(&[t("token_id:1", Some(-2.0), vec![("token_id:3", -0.2), ("token_id:1", -2.0)])], 2, LogprobBase::E, None);
+        let e = to_soft_labels(&[t("token_id:1", Some(-2.0), vec![("token_id:3", -0.2), ("token_id:1", -2.0)])], 2, LogprobBase::E, None, true);
         assert!(e.unwrap_err().contains("did not decode greedily"));
         // An alternative given as text without a tokenizer is left out, not guessed.
         let (_, pos, dropped) =
-            to_soft_labels(&[t("token_id:1", Some(-0.2), vec![("token_id:1", -0.2), ("Lyon", -3.0)])], 2, LogprobBase::E, None).unwrap();
+            to_soft_labels(&[t("token_id:1", Some(-0.2), vec![("token_id:1", -0.2), ("Lyon", -3.0)])], 2, LogprobBase::E, None, true).unwrap();
         assert_eq!((dropped, pos[0].top.clone()), (1, vec![(1, -0.2), (0, f32::NEG_INFINITY)]));
     }
 }

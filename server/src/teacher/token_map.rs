@@ -9,6 +9,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
+use crate::domain::prompt_set::Message;
+use crate::model::chat_template::ChatTemplate;
 use crate::model::gguf::GgufMetadata;
 use crate::model::tokenizer::ModelTokenizer;
 
@@ -16,6 +18,17 @@ pub struct TokenMap {
     tokenizer: tokenizers::Tokenizer,
     /// Decoded text of a token → the ids that decode to it (more than one: ambiguous).
     by_text: HashMap<String, Vec<u32>>,
+    /// From a GGUF: the model's tokenizer and chat template, to render conversations for
+    /// re-scoring on the server.
+    model: Option<(ModelTokenizer, ChatTemplate)>,
+}
+
+/// A conversation rendered for re-scoring: the text sent, and its ids split at the answer.
+pub struct RenderedAnswer {
+    pub text: String,
+    pub prompt_ids: Vec<u32>,
+    /// The answer's ids and the end-of-turn token that closes it.
+    pub answer_ids: Vec<u32>,
 }
 
 /// Why a token text could not be given an id.
@@ -38,7 +51,14 @@ impl TokenMap {
                 .map_err(|e| anyhow::anyhow!("{} is not a readable tokenizer: {e}", file.display()))?
         } else if path.extension().is_some_and(|e| e == "gguf") {
             let meta = GgufMetadata::read(path)?;
-            ModelTokenizer::from_metadata(&meta).with_context(|| format!("tokenizer of {}", path.display()))?.tokenizer
+            let tok = ModelTokenizer::from_metadata(&meta).with_context(|| format!("tokenizer of {}", path.display()))?;
+            let mut map = Self::new(tok.tokenizer.clone());
+            if let Some(source) = meta.opt_string("tokenizer.chat_template") {
+                let t = |id| tok.token_text(id);
+                let template = ChatTemplate::new(source, &t(tok.special.bos), &t(Some(tok.special.eos)))?;
+                map.model = Some((tok, template));
+            }
+            return Ok(map);
         } else {
             tokenizers::Tokenizer::from_file(path)
                 .map_err(|e| anyhow::anyhow!("{} is not a readable tokenizer: {e}", path.display()))?
@@ -56,7 +76,35 @@ impl TokenMap {
                 }
             }
         }
-        TokenMap { tokenizer, by_text }
+        TokenMap { tokenizer, by_text, model: None }
+    }
+
+    /// The BOS id of the model (GGUF maps only).
+    pub fn bos(&self) -> Option<u32> {
+        self.model.as_ref().and_then(|(t, _)| t.special.bos)
+    }
+
+    /// Whether conversations can be rendered (the map came from a GGUF with a chat template).
+    pub fn can_render(&self) -> bool {
+        self.model.is_some()
+    }
+
+    /// The text and ids of `messages` followed by the assistant turn `answer`, as the model's
+    /// chat template renders them; None without a GGUF's tokenizer and template.
+    pub fn render_answer(&self, messages: &[Message], answer: &str) -> Option<anyhow::Result<RenderedAnswer>> {
+        let (tok, template) = self.model.as_ref()?;
+        Some((|| {
+            let prompt = template.render(messages)?;
+            let mut prompt_ids = Vec::new();
+            if tok.special.add_bos {
+                prompt_ids.extend(tok.special.bos);
+            }
+            prompt_ids.extend(tok.encode(&prompt, true)?);
+            let mut answer_ids = tok.encode(answer, false)?;
+            answer_ids.push(tok.special.eos);
+            let text = format!("{prompt}{answer}{}", tok.token_text(Some(tok.special.eos)));
+            Ok(RenderedAnswer { text, prompt_ids, answer_ids })
+        })())
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -77,6 +125,12 @@ impl TokenMap {
             Some(ids) => Err(Unmapped::Ambiguous(token.to_string(), ids.len())),
             None => Err(Unmapped::Unknown(token.to_string())),
         }
+    }
+
+    /// Whether `id` is a special token (it has no text when special tokens are skipped; servers
+    /// such as llama.cpp return "" for them).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.tokenizer.decode(&[id], true).is_ok_and(|t| t.is_empty())
     }
 
     /// The text of a sequence of ids (special tokens kept).
