@@ -10,7 +10,6 @@ use crate::domain::job::Endpoint;
 use crate::domain::prompt_set::Message;
 use crate::domain::render::RenderedRequest;
 use crate::teacher::server_logprobs::{self, ServerToken};
-use crate::teacher::token_map::parse_token_id;
 use crate::teacher::{GenerateOutput, GenerateRequest, TeacherError};
 
 impl OpenAiTeacher {
@@ -62,7 +61,8 @@ impl OpenAiTeacher {
         let first = self.echo_tokens(&prompt, k, false).await.map_err(why)?;
         let t0 = first.first().ok_or_else(|| why("no token generated".into()))?;
         let l0 = t0.logprob.ok_or_else(|| why("no log-probability".into()))?;
-        let id = |t: &str| parse_token_id(t).or_else(|| map.id(t).ok());
+        // `TokenMap::id` reads `token_id:N` too.
+        let id = |t: &str| map.id(t).ok();
         let t0_id = id(&t0.token).ok_or_else(|| why(format!("cannot vouch for the id of {:?}", t0.token)))?;
         let echoed = self.echo_tokens(&format!("{prompt}{}", map.decode(&[t0_id])), k, true).await.map_err(why)?;
         let e = (0..echoed.len()).rev().take(2).find(|&i| id(&echoed[i].token) == Some(t0_id)).ok_or_else(|| {
@@ -106,7 +106,7 @@ impl OpenAiTeacher {
         // An echoed token is the one sent when it maps to its id, or when it is "" for a special
         // token (llama.cpp gives special tokens no text).
         let same = |t: &ServerToken, sent: u32| {
-            parse_token_id(&t.token).or_else(|| map.id(&t.token).ok()) == Some(sent) || (t.token.is_empty() && map.is_special(sent))
+            map.id(&t.token).ok() == Some(sent) || (t.token.is_empty() && map.is_special(sent))
         };
         // Which sent token each echoed entry is: all of them, or all but those with the BOS id
         // (llama-cpp-python leaves every one of those out of its echo).
@@ -133,7 +133,7 @@ impl OpenAiTeacher {
             let chosen = if shift == 0 {
                 holder.logprob
             } else {
-                top.iter().find(|t| parse_token_id(&t.0).or_else(|| map.id(&t.0).ok()) == Some(aid)).map(|t| t.1)
+                top.iter().find(|t| map.id(&t.0).ok() == Some(aid)).map(|t| t.1)
             };
             if chosen.is_none() {
                 return Err(fatal(format!(
