@@ -52,18 +52,19 @@ impl App {
             settings.lease,
             settings.max_attempts,
         );
+        let stop_http = CancellationToken::new();
         let state = AppState {
             db,
             teachers: Arc::new(teachers),
             workers: Arc::clone(&workers.shared),
             api_token: settings.api_token.as_deref().map(Arc::from),
             body_limit: settings.body_limit,
+            stopping: stop_http.clone(),
         };
         let listener = tokio::net::TcpListener::bind(settings.bind)
             .await
             .with_context(|| format!("cannot listen on {}", settings.bind))?;
         let addr = listener.local_addr()?;
-        let stop_http = CancellationToken::new();
         let stop = stop_http.clone();
         let router = http::router(state.clone());
         let http = tokio::spawn(async move {

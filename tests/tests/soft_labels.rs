@@ -98,6 +98,19 @@ async fn local_teacher_soft_labels_are_exact_compact_and_exported() {
         let (w, n) = check(&model, &one, true);
         worst = worst.max(w);
         positions += n;
+        // Token texts for the web UI's colouring: every id of the answer and its alternatives,
+        // spelling the answer (these fixtures are ASCII, so no token splits a character).
+        let (st, texts) = t.get(&format!("/v1/generations/{}?token_texts=true", g["id"])).await;
+        assert_eq!(st, StatusCode::OK, "{texts}");
+        let map = texts["token_texts"].as_object().expect("a local teacher decodes its tokens");
+        let text_of = |id: &u32| map[&id.to_string()].as_str().unwrap().to_string();
+        let ids = u32s(&one["completion_token_ids"]);
+        let spelled: String = ids.iter().map(text_of).collect();
+        assert!(spelled.starts_with(one["text"].as_str().unwrap()), "{spelled:?} vs {}", one["text"]);
+        for alt in one["soft_labels"]["target_token_ids"].as_array().unwrap() {
+            u32s(alt).iter().for_each(|id| assert!(map.contains_key(&id.to_string()), "{id}"));
+        }
+        assert!(one.get("token_texts").is_none(), "only when asked");
     }
     eprintln!("soft labels vs a teacher-forced log-softmax: worst |Δ| {worst:.2e} over {positions} positions");
 

@@ -5,6 +5,7 @@ pub mod import;
 pub mod job;
 pub mod prompt_set;
 pub mod render;
+pub mod search;
 
 use crate::error::ApiError;
 

@@ -18,6 +18,14 @@ pub enum RenderedRequest {
 }
 
 impl RenderedRequest {
+    /// As the API shows it: the messages array, or the text.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            RenderedRequest::Chat(m) => serde_json::to_value(m).expect("messages serialize"),
+            RenderedRequest::Text(t) => serde_json::Value::String(t.clone()),
+        }
+    }
+
     /// Stored form in `completions.request`: JSON for messages, the text itself otherwise.
     pub fn stored(&self) -> String {
         match self {

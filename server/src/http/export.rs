@@ -14,8 +14,14 @@ use crate::domain::job::{Endpoint, ItemStatus};
 use crate::error::{ApiError, ApiResult};
 use crate::export::{self, ExportRow};
 use crate::store;
+use crate::store::generations::PageFilter;
 
 const PAGE: i64 = 1000;
+
+/// Exports hold the done generations, soft labels included.
+fn done_filter() -> PageFilter {
+    PageFilter { status: Some(ItemStatus::Done), search: None, soft_labels: true }
+}
 
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -32,7 +38,7 @@ pub struct ExportQuery {
 }
 
 async fn page(db: &Db, job: i64, after: i64, teacher: &str) -> ApiResult<(Vec<ExportRow>, Option<i64>)> {
-    let rows = store::generations::page(db, job, Some(ItemStatus::Done), after, PAGE, true).await?;
+    let rows = store::generations::page(db, job, &done_filter(), after, PAGE).await?;
     let next = (rows.len() as i64 == PAGE).then(|| rows.last().map(|r| r.id)).flatten();
     Ok((rows.iter().map(|r| ExportRow::from_row(r, teacher)).collect::<ApiResult<_>>()?, next))
 }

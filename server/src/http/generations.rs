@@ -1,5 +1,7 @@
 //! `/v1/jobs/{id}/generations` (keyset pagination) and `/v1/generations/{id}`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -9,7 +11,8 @@ use super::extract::{ApiQuery, IdPath};
 use super::AppState;
 use crate::domain::job::ItemStatus;
 use crate::error::{ApiError, ApiResult};
-use crate::store::generations::{self as store, GenerationView};
+use crate::domain::search::TextSearch;
+use crate::store::generations::{self as store, GenerationView, PageFilter};
 
 pub const MAX_PAGE: i64 = 1000;
 
@@ -33,6 +36,9 @@ pub struct GenerationsQuery {
     pub limit: Option<i64>,
     /// Include each generation's soft labels (default false: they are large).
     pub soft_labels: Option<bool>,
+    /// Words to find in the prompt or the answer: a generation matches when one of them
+    /// contains every word (each a prefix, case- and accent-insensitive).
+    pub q: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -52,15 +58,50 @@ pub async fn list(
 ) -> ApiResult<Json<GenerationPage>> {
     let limit = page_limit(q.limit)?;
     crate::store::jobs::get_row(&s.db, id).await?;
-    let rows = store::page(&s.db, id, q.status, q.after.unwrap_or(0), limit, q.soft_labels.unwrap_or(false)).await?;
+    let filter = PageFilter {
+        status: q.status,
+        search: q.q.as_deref().map(TextSearch::parse).transpose()?,
+        soft_labels: q.soft_labels.unwrap_or(false),
+    };
+    let rows = store::page(&s.db, id, &filter, q.after.unwrap_or(0), limit).await?;
     let next_after = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
     let items = rows.into_iter().map(GenerationView::try_from).collect::<ApiResult<_>>()?;
     Ok(Json(GenerationPage { items, next_after }))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationQuery {
+    /// Add `token_texts`: the text of every token id in the answer and its soft labels, as the
+    /// job's teacher decodes it (for showing tokens; default false).
+    pub token_texts: Option<bool>,
+}
+
 /// One generation: prompt, answer and everything recorded about it.
-#[utoipa::path(get, path = "/v1/generations/{id}", params(("id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/generations/{id}", params(("id" = i64, Path), GenerationQuery),
     responses((status = 200, body = GenerationView), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn get(State(s): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<GenerationView>> {
-    Ok(Json(store::get(&s.db, id).await?.try_into()?))
+pub async fn get(
+    State(s): State<AppState>,
+    IdPath(id): IdPath,
+    ApiQuery(q): ApiQuery<GenerationQuery>,
+) -> ApiResult<Json<GenerationView>> {
+    let row = store::get(&s.db, id).await?;
+    let job = row.job_id;
+    let mut view = GenerationView::try_from(row)?;
+    if q.token_texts.unwrap_or(false) {
+        let teacher = crate::store::jobs::get_row(&s.db, job).await?.teacher;
+        view.token_texts = s.teachers.get(&teacher).and_then(|t| token_texts(t.as_ref(), &view));
+    }
+    Ok(Json(view))
+}
+
+/// Texts of the answer's ids and of every soft-label alternative, each id once.
+fn token_texts(teacher: &dyn crate::teacher::Teacher, view: &GenerationView) -> Option<BTreeMap<u32, String>> {
+    let mut ids: BTreeSet<u32> = view.completion_token_ids.iter().flatten().copied().collect();
+    if let Some(sl) = &view.soft_labels {
+        ids.extend(sl.target_token_ids.iter().flatten().copied());
+    }
+    let ids: Vec<u32> = ids.into_iter().collect();
+    let texts = teacher.token_texts(&ids)?;
+    Some(ids.into_iter().zip(texts).collect())
 }

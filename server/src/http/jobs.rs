@@ -3,10 +3,10 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::extract::{ApiJson, IdPath};
+use super::extract::{ApiJson, ApiQuery, IdPath};
 use super::AppState;
 use crate::domain::job::{JobAction, JobRequest};
 use crate::error::ApiResult;
@@ -23,6 +23,53 @@ pub struct JobCreated {
 pub async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<JobRequest>) -> ApiResult<(StatusCode, Json<JobCreated>)> {
     let id = crate::submit::create_job(&s, req).await?;
     Ok((StatusCode::CREATED, Json(JobCreated { id })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewQuery {
+    /// Prompts to render, 1..=20 (default 3).
+    pub limit: Option<i64>,
+}
+
+/// One prompt as the teacher would be sent it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PreviewItem {
+    /// 0-based position in the prompt set.
+    pub position: i64,
+    pub external_id: Option<String>,
+    /// The messages (chat endpoint) or the text (completions endpoint).
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPreview {
+    /// Prompts in the set (items the job would have).
+    pub count: i64,
+    pub items: Vec<PreviewItem>,
+}
+
+/// Renders the first prompts of a submission exactly as the job would send them, with the
+/// same validation as `POST /v1/jobs`; nothing is stored.
+#[utoipa::path(post, path = "/v1/jobs/preview", params(PreviewQuery), request_body = JobRequest,
+    responses((status = 200, body = JobPreview), (status = 400, body = crate::error::ErrorBody)))]
+pub async fn preview(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<PreviewQuery>,
+    ApiJson(req): ApiJson<JobRequest>,
+) -> ApiResult<Json<JobPreview>> {
+    let limit = match q.limit {
+        None => 3,
+        Some(n) if (1..=20).contains(&n) => n,
+        Some(n) => return Err(crate::error::ApiError::invalid("limit", format!("limit must be 1..=20, got {n}"))),
+    };
+    let (count, rows) = crate::submit::preview(&s, &req, limit).await?;
+    let items = rows
+        .into_iter()
+        .map(|p| PreviewItem { position: p.position, external_id: p.external_id, request: p.request.to_json() })
+        .collect();
+    Ok(Json(JobPreview { count, items }))
 }
 
 /// All jobs with their progress.

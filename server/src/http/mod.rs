@@ -5,9 +5,11 @@ pub mod export;
 pub mod extract;
 pub mod generations;
 pub mod health;
+pub mod job_activity;
 pub mod jobs;
 pub mod openapi;
 pub mod prompt_sets;
+pub mod ui;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +35,8 @@ pub struct AppState {
     pub workers: Arc<WorkerShared>,
     pub api_token: Option<Arc<str>>,
     pub body_limit: usize,
+    /// Cancelled when the server shuts down; ends long-lived responses (event streams).
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -42,7 +46,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/prompt-sets/{id}/prompts", get(prompt_sets::prompts))
         .route("/v1/teachers", get(health::teachers))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/preview", post(jobs::preview))
         .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/events", get(job_activity::events))
+        .route("/v1/jobs/{id}/throughput", get(job_activity::throughput))
+        .route("/v1/jobs/{id}/failures", get(job_activity::failures))
         .route("/v1/jobs/{id}/pause", post(jobs::pause))
         .route("/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
@@ -54,6 +62,8 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
+        .route("/", get(ui::index))
+        .route("/ui/{file}", get(ui::file))
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async { ApiError::not_found("route", "for this method and path") })

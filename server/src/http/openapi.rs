@@ -4,14 +4,15 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{export, generations, health, jobs, prompt_sets};
+use super::{export, generations, health, job_activity, jobs, prompt_sets};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "distill generation server", description = "Prompt sets in, greedy teacher answers out, recorded in SQLite."),
     paths(
         prompt_sets::create, prompt_sets::list, prompt_sets::get, prompt_sets::prompts, prompt_sets::delete,
-        jobs::create, jobs::list, jobs::get, jobs::pause, jobs::resume, jobs::cancel, jobs::retry_failed,
+        jobs::create, jobs::preview, jobs::list, jobs::get, jobs::pause, jobs::resume, jobs::cancel, jobs::retry_failed,
+        job_activity::events, job_activity::throughput, job_activity::failures,
         generations::list, generations::get, export::export,
         health::health, health::teachers, health::metrics,
     ),

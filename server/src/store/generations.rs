@@ -1,12 +1,13 @@
 //! Reading generations: an item joined with its prompt and its completion.
 
 use serde::Serialize;
-use sqlx::FromRow;
+use sqlx::{FromRow, QueryBuilder, Sqlite};
 use utoipa::ToSchema;
 
 use crate::db::Db;
 use crate::domain::job::ItemStatus;
 use crate::domain::prompt_set::Message;
+use crate::domain::search::TextSearch;
 use crate::error::{ApiError, ApiResult};
 use crate::soft_labels::SoftLabelColumns;
 
@@ -122,6 +123,11 @@ pub struct GenerationView {
     pub soft_labels: Option<SoftLabelColumns>,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Token id -> text as the teacher decodes it, for every id above (`GET
+    /// /v1/generations/{id}?token_texts=true`, when the job's teacher has a tokenizer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub token_texts: Option<std::collections::BTreeMap<u32, String>>,
 }
 
 impl TryFrom<GenerationRow> for GenerationView {
@@ -155,6 +161,7 @@ impl TryFrom<GenerationRow> for GenerationView {
             completion_token_ids: r.completion_token_ids.as_deref().map(crate::queue::blob_ids),
             started_at: r.started_at,
             finished_at: r.finished_at,
+            token_texts: None,
         })
     }
 }
@@ -174,38 +181,35 @@ fn select(soft_labels: bool) -> String {
     SELECT.replace("{SOFT}", if soft_labels { "c.soft_labels" } else { "NULL" })
 }
 
-/// A page of a job's generations with id > `after`, optionally of one status.
-pub async fn page(
-    db: &Db,
-    job_id: i64,
-    status: Option<ItemStatus>,
-    after: i64,
-    limit: i64,
-    soft_labels: bool,
-) -> ApiResult<Vec<GenerationRow>> {
-    let select = select(soft_labels);
-    let rows = match status {
-        Some(st) => {
-            sqlx::query_as(&format!(
-                "{select} WHERE g.job_id = ? AND g.status = ? AND g.id > ? ORDER BY g.id LIMIT ?"
-            ))
-            .bind(job_id)
-            .bind(st.as_str())
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&db.reader)
-            .await?
-        }
-        None => {
-            sqlx::query_as(&format!("{select} WHERE g.job_id = ? AND g.id > ? ORDER BY g.id LIMIT ?"))
-                .bind(job_id)
-                .bind(after)
-                .bind(limit)
-                .fetch_all(&db.reader)
-                .await?
-        }
-    };
-    Ok(rows)
+/// Which of a job's generations a page holds.
+#[derive(Debug, Clone, Default)]
+pub struct PageFilter {
+    /// Only items in this status.
+    pub status: Option<ItemStatus>,
+    /// Only items whose prompt or answer matches.
+    pub search: Option<TextSearch>,
+    /// Include the soft-label blob.
+    pub soft_labels: bool,
+}
+
+/// A page of a job's generations with id > `after`, in id order. The job's index is walked in
+/// id order and a search is a set lookup per row, so no page reads more rows than it must.
+pub async fn page(db: &Db, job_id: i64, filter: &PageFilter, after: i64, limit: i64) -> ApiResult<Vec<GenerationRow>> {
+    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(select(filter.soft_labels));
+    qb.push(" WHERE g.job_id = ").push_bind(job_id);
+    qb.push(" AND g.id > ").push_bind(after);
+    if let Some(st) = filter.status {
+        qb.push(" AND g.status = ").push_bind(st.as_str());
+    }
+    if let Some(search) = &filter.search {
+        qb.push(" AND (g.prompt_id IN (SELECT rowid FROM prompts_fts WHERE prompts_fts MATCH ")
+            .push_bind(search.fts_expr())
+            .push(") OR g.completion_id IN (SELECT rowid FROM completions_fts WHERE completions_fts MATCH ")
+            .push_bind(search.fts_expr())
+            .push("))");
+    }
+    qb.push(" ORDER BY g.id LIMIT ").push_bind(limit);
+    Ok(qb.build_query_as().fetch_all(&db.reader).await?)
 }
 
 pub async fn get(db: &Db, id: i64) -> ApiResult<GenerationRow> {

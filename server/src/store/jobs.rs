@@ -83,6 +83,8 @@ pub struct JobView {
     pub cache_hits: i64,
     /// Recent rate: answers finished in the last minute (whole run once done), per second.
     pub answers_per_second: f64,
+    /// Completion tokens per second over the same window.
+    pub tokens_per_second: f64,
     /// Seconds until the queued and running items are done at the current rate.
     pub eta_seconds: Option<f64>,
     pub created_at: i64,
@@ -162,21 +164,26 @@ const RATE_WINDOW_MS: i64 = 60_000;
 async fn view(db: &Db, row: JobRow, counts: ItemCounts) -> ApiResult<JobView> {
     let now = now_ms();
     let status = row.status();
-    let answers_per_second = match (row.started_at, row.finished_at) {
-        (Some(start), Some(end)) if end > start => counts.done as f64 * 1000.0 / (end - start) as f64,
+    let (answers_per_second, tokens_per_second) = match (row.started_at, row.finished_at) {
+        (Some(start), Some(end)) if end > start => {
+            let secs = (end - start) as f64 / 1000.0;
+            (counts.done as f64 / secs, row.completion_tokens as f64 / secs)
+        }
         (Some(start), None) => {
             let since = now - RATE_WINDOW_MS;
-            let recent: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM generations WHERE job_id = ? AND status = 'done' AND finished_at > ?",
+            let (answers, tokens): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), coalesce(sum(c.completion_tokens), 0)
+                   FROM generations g JOIN completions c ON c.id = g.completion_id
+                  WHERE g.job_id = ? AND g.status = 'done' AND g.finished_at > ?",
             )
             .bind(row.id)
             .bind(since)
             .fetch_one(&db.reader)
             .await?;
-            let window = (now - start.max(since)).max(1);
-            recent as f64 * 1000.0 / window as f64
+            let secs = (now - start.max(since)).max(1) as f64 / 1000.0;
+            (answers as f64 / secs, tokens as f64 / secs)
         }
-        _ => 0.0,
+        _ => (0.0, 0.0),
     };
     let remaining = counts.queued + counts.running;
     let eta_seconds = match status {
@@ -196,6 +203,7 @@ async fn view(db: &Db, row: JobRow, counts: ItemCounts) -> ApiResult<JobView> {
         tokens_out: row.completion_tokens,
         cache_hits: row.cache_hits,
         answers_per_second,
+        tokens_per_second,
         eta_seconds,
         created_at: row.created_at,
         started_at: row.started_at,

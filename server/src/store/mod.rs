@@ -1,6 +1,7 @@
 //! Typed queries, one module per table group. Handlers and the worker never write SQL.
 
 pub mod generations;
+pub mod job_stats;
 pub mod jobs;
 pub mod prompt_sets;
 

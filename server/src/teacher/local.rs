@@ -342,6 +342,11 @@ impl Teacher for LocalTeacher {
         self.loaded.as_ref().err().cloned()
     }
 
+    fn token_texts(&self, ids: &[u32]) -> Option<Vec<String>> {
+        let tok = &self.loaded.as_ref().ok()?.tokenizer;
+        Some(ids.iter().map(|&id| tok.decode(&[id], false).unwrap_or_default()).collect())
+    }
+
     async fn health(&self) -> Result<(), String> {
         self.loaded.as_ref().map(|_| ()).map_err(Clone::clone)
     }

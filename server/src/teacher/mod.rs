@@ -84,6 +84,12 @@ pub trait Teacher: Send + Sync {
         let _ = params;
         Err(format!("teacher `{}` cannot record soft labels", self.name()))
     }
+    /// The text of each token id as the teacher's tokenizer decodes it alone (a piece of a
+    /// multi-byte character shows as U+FFFD); `None` when the teacher has no tokenizer.
+    fn token_texts(&self, ids: &[u32]) -> Option<Vec<String>> {
+        let _ = ids;
+        None
+    }
     /// Why the teacher cannot work at all (e.g. its model failed to load); jobs are refused.
     fn load_error(&self) -> Option<String> {
         None

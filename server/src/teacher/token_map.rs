@@ -127,6 +127,11 @@ impl TokenMap {
         }
     }
 
+    /// The text of one token id alone.
+    pub fn text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
     /// Whether `id` is a special token (it has no text when special tokens are skipped; servers
     /// such as llama.cpp return "" for them).
     pub fn is_special(&self, id: u32) -> bool {

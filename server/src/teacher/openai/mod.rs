@@ -356,6 +356,11 @@ impl Teacher for OpenAiTeacher {
         self.probe(params.logprobs, params.endpoint).await
     }
 
+    fn token_texts(&self, ids: &[u32]) -> Option<Vec<String>> {
+        let map = self.token_map.as_ref()?;
+        Some(ids.iter().map(|&id| map.text(id)).collect())
+    }
+
     async fn health(&self) -> Result<(), String> {
         let mut rb = self.client.get(format!("{}/models", self.base_url)).timeout(Duration::from_secs(5));
         if let Some(key) = &self.api_key {
