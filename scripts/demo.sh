@@ -33,6 +33,7 @@ TEMPLATE="$(python3 -c 'import json,sys; print(json.dumps(open(sys.argv[1]).read
 JOB_ID="$(curl -fsS "$URL/v1/jobs" -H 'content-type: application/json' \
     -d "{\"prompt_set\": $SET_ID, \"teacher\": \"smol\", \"max_new_tokens\": $MAX_NEW, \"template\": $TEMPLATE}" | json 'd["id"]')"
 echo "== job $JOB_ID: $SET answered by SmolLM2-135M-Instruct (local, greedy, <= $MAX_NEW tokens)"
+echo "   watch it in a browser: $URL/#/jobs/$JOB_ID"
 while true; do
     LINE="$(curl -fsS "$URL/v1/jobs/$JOB_ID" | json '"%s %d/%d done, %d failed, %.1f answers/s, %d tokens out, ETA %s s" % (d["status"], d["counts"]["done"], d["total"], d["counts"]["failed"], d["answers_per_second"], d["tokens_out"], "?" if d["eta_seconds"] is None else round(d["eta_seconds"]))')"
     printf '\r%-90s' "$LINE"
@@ -46,6 +47,7 @@ echo "   next: fine-tune a 15-layer student of the teacher on it (CPU: about 25 
 echo "   $CARGO_TARGET_DIR/release/trainer --from-db $DB --init $MODEL \\"
 echo "       --keep-layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28 --max-steps 20 --max-len 512 --batch-tokens 1024 --grad-accum 4 --out runs/student"
 echo "== the server keeps running at $URL (pid $PID, log $LOG) for your own prompt sets:"
+echo "   in the browser: $URL/#/new (upload a JSONL / CSV / Parquet file or paste prompts)"
 echo "   curl --data-binary @my-prompts.jsonl -H 'content-type: application/x-ndjson' '$URL/v1/prompt-sets?name=mine'"
 echo "   curl $URL/v1/jobs -H 'content-type: application/json' -d '{\"prompt_set\": ID, \"teacher\": \"smol\"}'"
 echo "   stop it with: kill $PID"
