@@ -622,7 +622,7 @@ function renderJob(id) {
   let lastKey = '';
   let lastFailed = -1;
   let lastStatus = null;
-  let throughputDue = true;
+  let throughputDue = false; // set by an action: reload at the next tick
 
   const render = (j) => {
     if (!p.alive || !j) return;
@@ -663,7 +663,7 @@ function renderJob(id) {
     if (j.status !== lastStatus) {
       if (lastStatus !== null) notice.textContent = ''; // an earlier action's note is stale now
       lastStatus = j.status;
-      throughputDue = true;
+      loadThroughput(); // at once on the first view and on every status change
     }
   };
 

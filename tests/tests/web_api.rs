@@ -293,3 +293,54 @@ async fn the_page_is_embedded_and_its_data_needs_the_token() {
     let ok = t.client.get(format!("{}/v1/jobs", t.url)).bearer_auth("s3cret").send().await.unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
 }
+
+/// A database from before the search index (schema version 3) gets its existing prompts and
+/// answers indexed when the server opens it, and new rows are indexed as they come.
+#[tokio::test]
+async fn a_version_3_database_gets_its_rows_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gen.sqlite");
+    {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path).create_if_missing(true))
+            .await
+            .unwrap();
+        let m = &server::db::MIGRATOR;
+        let v3 = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(m.migrations.iter().filter(|m| m.version <= 3).cloned().collect()),
+            ignore_missing: m.ignore_missing,
+            locking: m.locking,
+            no_tx: m.no_tx,
+        };
+        v3.run(&pool).await.unwrap();
+        for sql in [
+            "INSERT INTO prompt_sets (id, name, source, prompt_count, created_at) VALUES (1, 'old', 'json', 2, 0)",
+            "INSERT INTO prompts (id, prompt_set_id, position, prompt, system) VALUES (1, 1, 0, 'an old walrus prompt', 'be a narwhal')",
+            r#"INSERT INTO prompts (id, prompt_set_id, position, messages) VALUES (2, 1, 1, '[{"role":"user","content":"old penguin chat"}]')"#,
+            "INSERT INTO completions (id, cache_key, teacher_identity, endpoint, request, text, latency_ms, http_attempts, created_at)
+             VALUES (7, 'k', 't', 'chat', '[]', 'an answer about a yak', 5, 1, 0)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    }
+    let db = server::db::Db::open(&path).await.unwrap();
+    let hits = |table: &'static str, q: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("SELECT rowid FROM {table} WHERE {table} MATCH ? ORDER BY rowid"))
+                .bind(server::domain::search::TextSearch::parse(q).unwrap().fts_expr().to_string())
+                .fetch_all(&db.reader)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(hits("prompts_fts", "walrus").await, vec![1]);
+    assert_eq!(hits("prompts_fts", "narwhal").await, vec![1]);
+    assert_eq!(hits("prompts_fts", "penguin").await, vec![2]);
+    assert!(hits("prompts_fts", "content").await.is_empty());
+    assert_eq!(hits("completions_fts", "yak").await, vec![7]);
+    // Deleting a set takes its prompts out of the index.
+    sqlx::query("DELETE FROM prompt_sets WHERE id = 1").execute(&db.writer).await.unwrap();
+    assert!(hits("prompts_fts", "walrus").await.is_empty());
+}

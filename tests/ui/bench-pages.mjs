@@ -44,8 +44,8 @@ try {
   await step('job page', async () => {
     await page.goto(`${base}/#/jobs/${job}`);
     await page.locator('#job-status').waitFor();
-    await page.locator('#throughput-chart').waitFor();
-    await page.waitForTimeout(3000); // the event stream, the chart and failures load
+    await page.locator('#throughput-chart rect.bar').first().waitFor({ state: 'attached' });
+    await page.waitForTimeout(1000); // the event stream and failures load
   });
   await step('generations browser, first page', async () => {
     await page.goto(`${base}/#/jobs/${job}/generations`);
