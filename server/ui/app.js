@@ -1038,13 +1038,14 @@ function promptText(g) {
 function genRow(g) {
   const pt = promptText(g);
   const ans = g.text ?? (g.last_error ? `error: ${g.last_error}` : '');
+  // data-label: the column name, shown beside each cell when narrow screens stack a row.
   return el('tr', { dataset: { genId: Number(g.id), status: g.status }, class: 'clickable' },
-    el('td', null, el('a', { href: `#/generations/${Number(g.id)}`, class: 'gen-link', 'aria-label': `Open generation ${g.id}` }, `#${g.id}`)),
-    el('td', null, statusBadge(g.status)),
-    el('td', { class: 'cell-text', title: truncate(pt, 600) }, truncate(pt, 110)),
-    el('td', { class: ['cell-text', g.text == null ? 'muted' : null], title: truncate(ans, 600) }, truncate(ans, 110)),
-    el('td', { class: 'num' }, fmtInt(g.completion_tokens)),
-    el('td', { class: 'num nowrap' }, fmtLatency(g.latency_ms)));
+    el('td', { dataset: { label: 'ID' } }, el('a', { href: `#/generations/${Number(g.id)}`, class: 'gen-link', 'aria-label': `Open generation ${g.id}` }, `#${g.id}`)),
+    el('td', { dataset: { label: 'Status' } }, statusBadge(g.status)),
+    el('td', { class: 'cell-text', title: truncate(pt, 600), dataset: { label: 'Prompt' } }, truncate(pt, 110)),
+    el('td', { class: ['cell-text', g.text == null ? 'muted' : null], title: truncate(ans, 600), dataset: { label: 'Answer' } }, truncate(ans, 110)),
+    el('td', { class: 'num', dataset: { label: 'Tokens' } }, fmtInt(g.completion_tokens)),
+    el('td', { class: 'num nowrap', dataset: { label: 'Latency' } }, fmtLatency(g.latency_ms)));
 }
 
 // ---------------------------------------------------------------------------------------------
