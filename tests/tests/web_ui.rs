@@ -1,8 +1,9 @@
 //! The web UI end to end in headless Chromium (Debian's `chromium`, driven by `playwright-core`
 //! from npm; `.ci/run` installs both): the real server with the SmolLM2 local teacher, and
 //! `tests/ui/e2e.mjs` doing through the page what a user does — log in with a token, upload a
-//! prompt set, start a soft-label job, pause and resume it, watch it finish, search and open
-//! generations, see the token colouring, export. Screenshots go to the folder it prints.
+//! prompt set (CSV, Parquet and JSONL), start a soft-label job, pause and resume it, watch it
+//! finish, search and open generations, see the token colouring, export. Screenshots go to the
+//! folder it prints.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,6 +42,32 @@ fn prompts() -> Vec<String> {
     p
 }
 
+/// A CSV file with a `prompt` column (every field quoted, quotes doubled).
+fn csv(prompts: &[String]) -> String {
+    let mut out = String::from("prompt\n");
+    for p in prompts {
+        out.push_str(&format!("\"{}\"\n", p.replace('"', "\"\"")));
+    }
+    out
+}
+
+/// A Parquet file with a `prompt` column.
+fn parquet(prompts: &[String]) -> Vec<u8> {
+    use std::sync::Arc;
+
+    use arrow::array::StringArray;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    let schema = Arc::new(Schema::new(vec![Field::new("prompt", DataType::Utf8, false)]));
+    let column = Arc::new(StringArray::from(prompts.to_vec()));
+    let batch = RecordBatch::try_new(schema.clone(), vec![column]).unwrap();
+    let mut out = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    out
+}
+
 fn need(what: &str, ok: bool, fix: &str) {
     assert!(ok, "{what} is missing: {fix} (.ci/run does this)");
 }
@@ -62,6 +89,10 @@ async fn web_ui_end_to_end_in_headless_chromium() {
     let prompts_file = main.dir.path().join("ui-prompts.jsonl");
     let jsonl: String = prompts().iter().map(|p| serde_json::json!({ "prompt": p }).to_string() + "\n").collect();
     std::fs::write(&prompts_file, jsonl).unwrap();
+    let csv_file = main.dir.path().join("ui-prompts.csv");
+    std::fs::write(&csv_file, csv(&prompts())).unwrap();
+    let parquet_file = main.dir.path().join("ui-prompts.parquet");
+    std::fs::write(&parquet_file, parquet(&prompts())).unwrap();
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-ui-screenshots");
     let _ = std::fs::remove_dir_all(&shots);
 
@@ -73,6 +104,8 @@ async fn web_ui_end_to_end_in_headless_chromium() {
         .env("DISTILL_TOKEN_URL", &guarded.url)
         .env("DISTILL_TOKEN", "correct-horse-battery")
         .env("DISTILL_PROMPTS", &prompts_file)
+        .env("DISTILL_PROMPTS_CSV", &csv_file)
+        .env("DISTILL_PROMPTS_PARQUET", &parquet_file)
         .env("DISTILL_SHOTS", &shots)
         .env("CHROMIUM", &chromium)
         .kill_on_drop(true);

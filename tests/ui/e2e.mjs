@@ -62,6 +62,8 @@ const URL_TOKEN = env('DISTILL_TOKEN_URL').replace(/\/+$/, '');
 const TOKEN = env('DISTILL_TOKEN');
 const PROMPTS = path.resolve(env('DISTILL_PROMPTS'));
 const SHOTS = path.resolve(env('DISTILL_SHOTS'));
+// The same prompts as CSV and Parquet files (a `prompt` column), uploaded and previewed too.
+const OTHER_FILES = ['DISTILL_PROMPTS_CSV', 'DISTILL_PROMPTS_PARQUET'].map((k) => process.env[k]).filter(Boolean).map((f) => path.resolve(f));
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 fs.mkdirSync(SHOTS, { recursive: true });
 
@@ -203,6 +205,27 @@ async function newJob(page) {
   await page.goto(`${URL_MAIN}/#/new`);
   await page.locator('#newjob-form').waitFor();
   await waitUntil(page, `teacher "${TEACHER}" in the teacher list`, hasTeacher, TEACHER);
+  // CSV and Parquet files: each upload makes a set of every prompt, and the preview shows it.
+  for (const file of OTHER_FILES) {
+    const before = (await apiJson('/v1/prompt-sets')).length;
+    await page.setInputFiles('#file-input', file);
+    await page.selectOption('#teacher-select', TEACHER);
+    await page.click('#btn-preview');
+    const deadline = Date.now() + 30_000;
+    let sets = [];
+    while ((sets = await apiJson('/v1/prompt-sets')).length === before) {
+      if (Date.now() > deadline) fail(`uploading ${path.basename(file)} made no prompt set (${await text(page, '#newjob-alert')})`);
+      await sleep(200);
+    }
+    const set = sets[sets.length - 1];
+    const ext = path.extname(file).slice(1);
+    check(set.source === ext && set.count === prompts.length, `${path.basename(file)}: set ${JSON.stringify(set)}, expected ${prompts.length} ${ext} prompts`);
+    await waitUntil(page, `the preview of ${path.basename(file)}`, (p0) => {
+      const item = document.querySelector('#preview .preview-item');
+      return item && item.textContent.includes(p0);
+    }, prompts[0]);
+    log(`${ext} upload: set ${set.id} with ${set.count} prompts, previewed`);
+  }
   await page.setInputFiles('#file-input', PROMPTS);
   await page.selectOption('#teacher-select', TEACHER);
   await page.fill('#maxtokens-input', '24');
