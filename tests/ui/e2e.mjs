@@ -89,8 +89,30 @@ async function apiJson(p) {
   return r.json();
 }
 
+// Accessible basics on every page shot: each visible form control has a label (or an
+// aria-label), each button and link has a name, nothing interactive is taken out of the tab order.
+async function accessible(page, name) {
+  const bad = await page.evaluate(() => {
+    const out = [];
+    const visible = (e) => e.offsetParent !== null || e.getClientRects().length > 0;
+    const desc = (e) => `${e.tagName.toLowerCase()}${e.id ? `#${e.id}` : ''}`;
+    for (const e of document.querySelectorAll('input, select, textarea')) {
+      if (e.type === 'hidden' || !visible(e)) continue;
+      if (!(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby')) out.push(`${desc(e)} has no label`);
+    }
+    for (const e of document.querySelectorAll('button, a[href]')) {
+      if (!visible(e)) continue;
+      if (!(e.textContent.trim() || e.getAttribute('aria-label') || e.getAttribute('title'))) out.push(`${desc(e)} has no name`);
+      if (e.tabIndex < 0) out.push(`${desc(e)} is out of the tab order`);
+    }
+    return out;
+  });
+  check(!bad.length, `${name}: ${bad.join('; ')}`);
+}
+
 let shotN = 0;
 async function shot(page, name, fullPage = true) {
+  await accessible(page, name);
   const file = path.join(SHOTS, `${String(++shotN).padStart(2, '0')}-${name}.png`);
   await page.screenshot({ path: file, fullPage });
   log(`screenshot ${file}`);
