@@ -190,6 +190,8 @@ async fn job_events_throughput_and_failures() {
     let resp = t.client.get(format!("{}/v1/jobs/{job}/events", t.url)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
+    assert_eq!(resp.headers()["cache-control"], "no-cache");
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     let first = next_event(&mut stream, &mut buf, |_| true).await;

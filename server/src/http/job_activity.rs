@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderName;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
 use futures::Stream;
@@ -31,14 +32,16 @@ const POLL: Duration = Duration::from_millis(500);
 pub async fn events(
     State(s): State<AppState>,
     IdPath(id): IdPath,
-) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+) -> ApiResult<([(HeaderName, &'static str); 1], Sse<impl Stream<Item = Result<Event, Infallible>>>)> {
     let first = serde_json::to_string(&jobs::get(&s.db, id).await?).map_err(anyhow::Error::from)?;
     let state = Watch { db: s.db.clone(), stop: s.stopping.clone(), id, last: None, first: Some(first) };
     let stream = futures::stream::unfold(state, |mut w| async move {
         let json = w.next_change().await?;
         Some((Ok(Event::default().event("job").data(json)), w))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    // Reverse proxies such as nginx would otherwise buffer the stream and the page would not update.
+    let no_buffering = [(HeaderName::from_static("x-accel-buffering"), "no")];
+    Ok((no_buffering, Sse::new(stream).keep_alive(KeepAlive::default())))
 }
 
 struct Watch {
