@@ -296,10 +296,10 @@ async fn the_page_is_embedded_and_its_data_needs_the_token() {
     assert_eq!(ok.status(), StatusCode::OK);
 }
 
-/// A database from before the search index (schema version 3) gets its existing prompts and
-/// answers indexed when the server opens it, and new rows are indexed as they come.
+/// A database from before the web UI (schema version 3) gets its existing prompts and answers
+/// indexed and its done answers counted per second when the server opens it.
 #[tokio::test]
-async fn a_version_3_database_gets_its_rows_indexed() {
+async fn a_version_3_database_gets_its_rows_indexed_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gen.sqlite");
     {
@@ -319,8 +319,12 @@ async fn a_version_3_database_gets_its_rows_indexed() {
             "INSERT INTO prompt_sets (id, name, source, prompt_count, created_at) VALUES (1, 'old', 'json', 2, 0)",
             "INSERT INTO prompts (id, prompt_set_id, position, prompt, system) VALUES (1, 1, 0, 'an old walrus prompt', 'be a narwhal')",
             r#"INSERT INTO prompts (id, prompt_set_id, position, messages) VALUES (2, 1, 1, '[{"role":"user","content":"old penguin chat"}]')"#,
-            "INSERT INTO completions (id, cache_key, teacher_identity, endpoint, request, text, latency_ms, http_attempts, created_at)
-             VALUES (7, 'k', 't', 'chat', '[]', 'an answer about a yak', 5, 1, 0)",
+            "INSERT INTO completions (id, cache_key, teacher_identity, endpoint, request, text, latency_ms, http_attempts, created_at, completion_tokens)
+             VALUES (7, 'k', 't', 'chat', '[]', 'an answer about a yak', 5, 1, 0, 9)",
+            "INSERT INTO jobs (id, prompt_set_id, teacher, teacher_identity, status, params, created_at, updated_at, started_at, finished_at)
+             VALUES (1, 1, 't', 't', 'done', '{}', 0, 0, 10000, 13000)",
+            "INSERT INTO generations (job_id, prompt_id, status, cache_key, completion_id, finished_at) VALUES (1, 1, 'done', 'k', 7, 12345)",
+            "INSERT INTO generations (job_id, prompt_id, status, cache_key, completion_id, finished_at) VALUES (1, 2, 'done', 'k', 7, 12999)",
         ] {
             sqlx::query(sql).execute(&pool).await.unwrap();
         }
@@ -342,7 +346,14 @@ async fn a_version_3_database_gets_its_rows_indexed() {
     assert_eq!(hits("prompts_fts", "penguin").await, vec![2]);
     assert!(hits("prompts_fts", "content").await.is_empty());
     assert_eq!(hits("completions_fts", "yak").await, vec![7]);
-    // Deleting a set takes its prompts out of the index.
+    // Its done answers are counted per second for the throughput chart.
+    let seconds: Vec<(i64, i64, i64, i64)> =
+        sqlx::query_as("SELECT job_id, second, answers, tokens FROM job_seconds").fetch_all(&db.reader).await.unwrap();
+    assert_eq!(seconds, vec![(1, 12, 2, 18)]);
+    // Deleting the job and the set takes their rows out of both.
+    sqlx::query("DELETE FROM jobs WHERE id = 1").execute(&db.writer).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM job_seconds").fetch_one(&db.reader).await.unwrap();
+    assert_eq!(left, 0);
     sqlx::query("DELETE FROM prompt_sets WHERE id = 1").execute(&db.writer).await.unwrap();
     assert!(hits("prompts_fts", "walrus").await.is_empty());
 }

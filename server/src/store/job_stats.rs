@@ -1,6 +1,6 @@
-//! Aggregates over one job's items for the job page: answers over time and failures by reason.
-//! Both read indexes only (`generations_by_job_finished`, `generations_by_job_status`), so they
-//! stay fast on jobs of any size.
+//! Aggregates over one job's items for the job page: answers over time (from `job_seconds`, one
+//! row per second with answers) and failures by reason (from the `generations_by_job_status`
+//! index), so both stay fast on jobs of any size.
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -41,10 +41,10 @@ pub async fn throughput(db: &Db, job: &JobRow, buckets: i64) -> ApiResult<Throug
     let end = job.finished_at.unwrap_or_else(now_ms).max(start + 1);
     let bucket_ms = ((end - start + buckets - 1) / buckets).max(1000);
     let n = ((end - start + bucket_ms - 1) / bucket_ms).max(1);
+    // One row per second with answers (`job_seconds`, kept by a trigger), not one per answer.
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT (g.finished_at - ?1) / ?2 AS b, count(*), coalesce(sum(c.completion_tokens), 0)
-           FROM generations g JOIN completions c ON c.id = g.completion_id
-          WHERE g.job_id = ?3 AND g.status = 'done' AND g.finished_at >= ?1
+        "SELECT (second * 1000 - ?1) / ?2 AS b, sum(answers), sum(tokens)
+           FROM job_seconds WHERE job_id = ?3 AND second >= ?1 / 1000
           GROUP BY b ORDER BY b",
     )
     .bind(start)
