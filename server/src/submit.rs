@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::db::Db;
 use crate::domain::job::{JobParams, JobRequest};
-use crate::domain::render::{cache_key, render, JobTemplate, PromptView, RenderedRequest};
+use crate::domain::render::{cache_key, render, JobTemplate, RenderedRequest};
 use crate::error::{ApiError, ApiResult};
 use crate::http::AppState;
 use crate::store;
@@ -78,15 +78,7 @@ pub async fn preview(s: &AppState, req: &JobRequest, limit: i64) -> ApiResult<(i
 
 /// Renders one stored prompt; a failure names the field at fault and the prompt's position.
 fn render_row(params: &JobParams, template: &JobTemplate, row: &PromptRow) -> ApiResult<RenderedRequest> {
-    let content = row.content()?;
-    let metadata = row.metadata_value();
-    let view = PromptView {
-        content: &content,
-        system: row.system.as_deref(),
-        external_id: row.external_id.as_deref(),
-        metadata: &metadata,
-    };
-    render(params, template, &view).map_err(|msg| {
+    row.with_view(|view| render(params, template, view))?.map_err(|msg| {
         let field = ["template", "mode"].into_iter().find(|f| msg.starts_with(f)).unwrap_or("endpoint");
         ApiError::invalid(field, format!("prompt at position {} of the set: {msg}", row.position))
     })

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::db::Db;
 use crate::domain::job::{JobMode, JobParams};
-use crate::domain::render::{render, JobTemplate, PromptView};
+use crate::domain::render::{render, JobTemplate};
 use crate::metrics::{global as metrics, Outcome as MetricOutcome, TeacherLabel, TokenKind, TokenLabel};
 use crate::queue::{self, Claimed, Finished, NewCompletion, Outcome};
 use crate::recorder::Recorder;
@@ -270,16 +270,7 @@ async fn run_item(
         let (ours, next) = shared.recorder.record(done, next_for).await?;
         return Ok((ours.then_some(MetricOutcome::CacheHit), next));
     }
-    let prompt = input.prompt;
-    let content = prompt.content()?;
-    let metadata = prompt.metadata_value();
-    let view = PromptView {
-        content: &content,
-        system: prompt.system.as_deref(),
-        external_id: prompt.external_id.as_deref(),
-        metadata: &metadata,
-    };
-    let request = render(&job.params, &job.template, &view).map_err(ItemError::Fatal)?;
+    let request = input.prompt.with_view(|view| render(&job.params, &job.template, view))?.map_err(ItemError::Fatal)?;
     let (request, answer) = match job.params.mode {
         JobMode::Generate => (request, None),
         JobMode::Rescore => {

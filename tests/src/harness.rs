@@ -150,6 +150,24 @@ impl TestApp {
     }
 }
 
+/// A new database at `path` migrated only up to schema `version`, as an older server left it
+/// (for upgrade tests); the caller fills it and closes the pool.
+pub async fn database_at_version(path: &Path, version: i64) -> sqlx::SqlitePool {
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path).create_if_missing(true))
+        .await
+        .unwrap();
+    let m = &server::db::MIGRATOR;
+    let old = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(m.migrations.iter().filter(|m| m.version <= version).cloned().collect()),
+        ignore_missing: m.ignore_missing,
+        locking: m.locking,
+        no_tx: m.no_tx,
+    };
+    old.run(&pool).await.unwrap();
+    pool
+}
+
 /// Row counts of every table: a fingerprint to prove a rejected request changed nothing.
 pub async fn table_counts(db: &Path) -> Vec<(String, i64)> {
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true);

@@ -241,18 +241,7 @@ async fn a_version_2_database_upgrades_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gen.sqlite");
     {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path).create_if_missing(true))
-            .await
-            .unwrap();
-        let m = &server::db::MIGRATOR;
-        let v2 = sqlx::migrate::Migrator {
-            migrations: std::borrow::Cow::Owned(m.migrations.iter().filter(|m| m.version <= 2).cloned().collect()),
-            ignore_missing: m.ignore_missing,
-            locking: m.locking,
-            no_tx: m.no_tx,
-        };
-        v2.run(&pool).await.unwrap();
+        let pool = distill_tests::harness::database_at_version(&path, 2).await;
         sqlx::query(
             "INSERT INTO completions (cache_key, teacher_identity, endpoint, request, text, latency_ms, http_attempts, created_at)
              VALUES ('k', 't', 'chat', '[]', 'an answer', 5, 1, 0)",

@@ -303,18 +303,7 @@ async fn a_version_3_database_gets_its_rows_indexed_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gen.sqlite");
     {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path).create_if_missing(true))
-            .await
-            .unwrap();
-        let m = &server::db::MIGRATOR;
-        let v3 = sqlx::migrate::Migrator {
-            migrations: std::borrow::Cow::Owned(m.migrations.iter().filter(|m| m.version <= 3).cloned().collect()),
-            ignore_missing: m.ignore_missing,
-            locking: m.locking,
-            no_tx: m.no_tx,
-        };
-        v3.run(&pool).await.unwrap();
+        let pool = distill_tests::harness::database_at_version(&path, 3).await;
         for sql in [
             "INSERT INTO prompt_sets (id, name, source, prompt_count, created_at) VALUES (1, 'old', 'json', 2, 0)",
             "INSERT INTO prompts (id, prompt_set_id, position, prompt, system) VALUES (1, 1, 0, 'an old walrus prompt', 'be a narwhal')",

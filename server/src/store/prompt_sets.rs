@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 use super::INSERT_CHUNK;
 use crate::db::Db;
 use crate::domain::prompt_set::{Message, NewPromptSet, PromptContent};
+use crate::domain::render;
 use crate::error::{ApiError, ApiResult};
 use crate::time::now_ms;
 
@@ -49,6 +50,19 @@ impl PromptRow {
             (None, Some(m)) => PromptContent::Messages(serde_json::from_str::<Vec<Message>>(m)?),
             (None, None) => anyhow::bail!("prompt {} has no content", self.id),
         })
+    }
+
+    /// Runs `f` on the prompt as templates see it (content parsed, metadata as JSON): the one
+    /// way a stored prompt is rendered, for submission, preview and the worker alike.
+    pub fn with_view<T>(&self, f: impl FnOnce(&render::PromptView<'_>) -> T) -> anyhow::Result<T> {
+        let content = self.content()?;
+        let metadata = self.metadata_value();
+        Ok(f(&render::PromptView {
+            content: &content,
+            system: self.system.as_deref(),
+            external_id: self.external_id.as_deref(),
+            metadata: &metadata,
+        }))
     }
 
     pub fn metadata_value(&self) -> serde_json::Value {
