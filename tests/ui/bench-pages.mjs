@@ -51,23 +51,18 @@ try {
     await page.goto(`${base}/#/jobs/${job}/generations`);
     await rows().first().waitFor();
   });
-  for (let i = 0; i < 10; i++) {
+  // Clicks Next or Previous and waits until the table shows another page.
+  const turn = async (button) => {
     const before = await firstRowText();
-    await page.locator('#gen-next').click();
+    await page.locator(button).click();
     await page.waitForFunction(
       (b) => { const r = document.querySelector('#gen-table tbody tr[data-gen-id]'); return r && r.innerText !== b; },
       before,
     );
-  }
+  };
+  for (let i = 0; i < 10; i++) await turn('#gen-next');
   console.log('ten pages forward: done');
-  for (let i = 0; i < 3; i++) {
-    const before = await firstRowText();
-    await page.locator('#gen-prev').click();
-    await page.waitForFunction(
-      (b) => { const r = document.querySelector('#gen-table tbody tr[data-gen-id]'); return r && r.innerText !== b; },
-      before,
-    );
-  }
+  for (let i = 0; i < 3; i++) await turn('#gen-prev');
   await step(`search "${word}"`, async () => {
     await page.locator('#gen-search').fill(word);
     await page.locator('#gen-search').press('Enter');
