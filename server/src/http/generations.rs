@@ -89,8 +89,14 @@ pub async fn get(
     let job = row.job_id;
     let mut view = GenerationView::try_from(row)?;
     if q.token_texts.unwrap_or(false) {
-        let teacher = crate::store::jobs::get_row(&s.db, job).await?.teacher;
-        view.token_texts = s.teachers.get(&teacher).and_then(|t| token_texts(t.as_ref(), &view));
+        // Only the teacher that answered can name its ids: a name now configured with another
+        // model (another identity) gives no texts rather than wrong ones.
+        let job = crate::store::jobs::get_row(&s.db, job).await?;
+        view.token_texts = s
+            .teachers
+            .get(&job.teacher)
+            .filter(|t| t.identity() == job.teacher_identity)
+            .and_then(|t| token_texts(t.as_ref(), &view));
     }
     Ok(Json(view))
 }

@@ -124,7 +124,8 @@ pub struct GenerationView {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     /// Token id -> text as the teacher decodes it, for every id above (`GET
-    /// /v1/generations/{id}?token_texts=true`, when the job's teacher has a tokenizer).
+    /// /v1/generations/{id}?token_texts=true`, when the teacher that answered is still
+    /// configured and has a tokenizer).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub token_texts: Option<std::collections::BTreeMap<u32, String>>,
